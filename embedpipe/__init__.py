@@ -1,0 +1,44 @@
+"""embedpipe: production embedding for RAG apps — cache, dedupe, batch, rate-limit, retry, cost.
+
+>>> from embedpipe import EmbeddingPipeline
+>>> with EmbeddingPipeline("fake:8", cache="memory://") as pipe:
+...     len(pipe.embed(["a", "b", "a"]))
+3
+"""
+
+from __future__ import annotations
+
+from embedpipe.cache import CacheBackend, MemoryCache, SQLiteCache, cache_from_url
+from embedpipe.cost import Estimate
+from embedpipe.errors import (
+    BudgetExceededError,
+    DimensionMismatchError,
+    EmbeddingFailedError,
+    EmbedPipeError,
+    InvalidInputError,
+)
+from embedpipe.pipeline import EmbeddingArray, EmbeddingPipeline, EmbeddingResult
+from embedpipe.providers import Provider, provider_from_spec
+from embedpipe.stats import Stats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BudgetExceededError",
+    "CacheBackend",
+    "DimensionMismatchError",
+    "EmbedPipeError",
+    "EmbeddingArray",
+    "EmbeddingFailedError",
+    "EmbeddingPipeline",
+    "EmbeddingResult",
+    "Estimate",
+    "InvalidInputError",
+    "MemoryCache",
+    "Provider",
+    "SQLiteCache",
+    "Stats",
+    "cache_from_url",
+    "provider_from_spec",
+    "__version__",
+]

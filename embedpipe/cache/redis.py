@@ -1,0 +1,135 @@
+"""Redis cache: MGET and pipelined SET with TTL, one key prefix per namespace, fail-open by default."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from embedpipe.cache.base import CacheBackend, CacheStats
+from embedpipe.errors import CacheUnavailableError, ConfigurationError
+
+log = logging.getLogger("embedpipe.cache")
+
+_CHUNK = 1000  # keys per MGET / pipeline: bounded request size
+
+
+class RedisCache(CacheBackend):
+    """A cache in Redis (``redis://host:port/db?ttl=7d&namespace=prod&on_error=raise``).
+
+    When Redis is unreachable the default (``on_error=warn``) is fail-open: reads miss,
+    writes are skipped, one warning is logged and ``errors`` counts it. ``on_error=raise``
+    raises :class:`~embedpipe.errors.CacheUnavailableError` instead.
+    """
+
+    scheme = "redis"
+
+    def __init__(self, url: str = "redis://127.0.0.1:6379/0", *, ttl: float | None = None,
+                 namespace: str | None = None, on_error: str = "warn",
+                 socket_timeout: float = 5.0, client: Any = None) -> None:
+        super().__init__()
+        try:
+            import redis
+        except ImportError as exc:  # pragma: no cover - depends on extras
+            raise ConfigurationError("the Redis cache needs redis-py: pip install 'embedpipe[redis]'") from exc
+        self.url = url
+        self.ttl = ttl
+        self.namespace = namespace
+        self.on_error = on_error
+        self.socket_timeout = socket_timeout
+        self.prefix = f"embedpipe:{namespace or 'default'}:"
+        self._redis_errors: tuple[type[BaseException], ...] = (redis.ConnectionError, redis.TimeoutError)
+        self._client = client if client is not None else redis.Redis.from_url(
+            url, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout)
+        self._warned = False
+        self._warn_lock = threading.Lock()
+
+    def _fail(self, exc: BaseException, what: str) -> None:
+        self._errors += 1
+        if self.on_error == "raise":
+            raise CacheUnavailableError(f"Redis cache at {self._safe_url()} is unavailable ({what}): {exc}") from exc
+        with self._warn_lock:
+            if not self._warned:
+                self._warned = True
+                log.warning("Redis cache at %s is unavailable (%s: %s); embedding continues uncached",
+                            self._safe_url(), what, exc)
+
+    def _safe_url(self) -> str:
+        # Never log a password embedded in the URL.
+        from urllib.parse import urlsplit
+        parts = urlsplit(self.url)
+        host = parts.hostname or ""
+        return f"{parts.scheme}://{host}:{parts.port or 6379}{parts.path}"
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        out: list[bytes | None] = []
+        try:
+            for start in range(0, len(keys), _CHUNK):
+                chunk = [self.prefix + k for k in keys[start:start + _CHUNK]]
+                out.extend(self._client.mget(chunk))  # type: ignore[arg-type]  # bytes: no decode_responses
+        except self._redis_errors as exc:
+            self._fail(exc, "read")
+            return [None] * len(keys)
+        self._count(out)
+        return out
+
+    def set_many(self, items: Sequence[tuple[str, bytes]]) -> None:
+        ttl_ms = int(self.ttl * 1000) if self.ttl else None
+        try:
+            for start in range(0, len(items), _CHUNK):
+                pipe = self._client.pipeline(transaction=False)
+                for key, value in items[start:start + _CHUNK]:
+                    pipe.set(self.prefix + key, value, px=ttl_ms)
+                pipe.execute()
+        except self._redis_errors as exc:
+            self._fail(exc, "write")
+
+    def delete(self, keys: Sequence[str]) -> None:
+        try:
+            for start in range(0, len(keys), _CHUNK):
+                self._client.unlink(*[self.prefix + k for k in keys[start:start + _CHUNK]])
+        except self._redis_errors as exc:
+            self._fail(exc, "delete")
+
+    def yield_keys(self, prefix: str | None = None) -> Iterator[str]:
+        n = len(self.prefix)
+        pattern = self.prefix + _escape_glob(prefix or "") + "*"
+        for key in self._client.scan_iter(match=pattern, count=1000):
+            yield key.decode()[n:] if isinstance(key, bytes) else key[n:]
+
+    def clear(self) -> None:
+        batch: list[str] = []
+        for key in self.yield_keys():
+            batch.append(key)
+            if len(batch) >= _CHUNK:
+                self.delete(batch)
+                batch = []
+        if batch:
+            self.delete(batch)
+
+    def stats(self) -> CacheStats:
+        entries: int | None
+        used: int | None
+        try:
+            entries = sum(1 for _ in self.yield_keys())
+            used = int(self._client.info("memory").get("used_memory", 0))
+        except self._redis_errors:
+            entries = used = None
+        return CacheStats("redis", entries, used, self._hits, self._misses, self._errors)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):  # closing a pool to a dead server must not raise
+            self._client.close()
+
+    def __getstate__(self) -> dict[str, object]:
+        return {"url": self.url, "ttl": self.ttl, "namespace": self.namespace,
+                "on_error": self.on_error, "socket_timeout": self.socket_timeout}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(**state)  # type: ignore[misc]
+
+
+def _escape_glob(s: str) -> str:
+    return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in s)

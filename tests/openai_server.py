@@ -1,0 +1,1521 @@
+"""OpenAI-compatible embeddings server that injects faults, for tests and benchmarks.
+
+The server speaks the real ``POST /v1/embeddings`` wire format, so the real
+``openai`` SDK, LangChain, LlamaIndex and embedpipe's own providers can be
+pointed at it with ``base_url=server.base_url``.  Everything a flaky production
+endpoint does can be switched on, at construction or between calls:
+
+* token-bucket rate limits (``rpm``/``tpm`` over a ``window`` of seconds) with
+  OpenAI's ``x-ratelimit-*`` headers and ``retry-after-ms`` on 429;
+* scripted faults ("the next 3 requests fail with 503") and seeded random
+  faults: 429, 500, 503, ``insufficient_quota``, stalls, dropped connections,
+  shuffled ``data``, NaN vectors, wrong dimensions, wrong item count;
+* OpenAI's validation errors: empty input, context length, dimensions, and
+  "poison" substrings that make any request containing them fail;
+* fixed and per-token latency.
+
+Vectors are deterministic (see :func:`expected_vector`), and a ledger records
+what a real provider would have billed, so tests can assert on cost as well as
+on results.
+
+In-process use::
+
+    with running_server(rpm=3, window=1.0) as server:
+        client = openai.OpenAI(base_url=server.base_url, api_key="test")
+        server.control.fail_next("unavailable", times=2)
+        ...
+        assert server.ledger.times_billed["hello"] == 1
+
+Out of process (for tests that kill clients, and for benchmarks)::
+
+    python -m tests.openai_server --port 8123 --rpm 500 --tpm 1000000 --window 60
+
+with ``GET /_ledger`` and ``POST /_control`` (see :class:`RemoteControl` and
+:class:`ServerProcess`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import dataclasses
+import functools
+import gzip
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import random
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import Counter, deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final, Literal, cast, get_args
+
+import httpx
+import numpy as np
+import numpy.typing as npt
+import tiktoken
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "FAULT_KINDS",
+    "MAX_INPUT_TOKENS",
+    "NATIVE_DIMS",
+    "READY_PREFIX",
+    "DimensionsMode",
+    "FaultKind",
+    "LedgerSnapshot",
+    "OpenAITestServer",
+    "RemoteControl",
+    "ServerConfig",
+    "ServerControl",
+    "ServerProcess",
+    "TokenBucket",
+    "cl100k_encoding",
+    "create_app",
+    "expected_vector",
+    "expected_vectors",
+    "format_go_duration",
+    "main",
+    "running_server",
+]
+
+DEFAULT_MODEL: Final = "text-embedding-3-small"
+"""Model assumed by :func:`expected_vector` when none is given."""
+
+NATIVE_DIMS: Final[Mapping[str, int]] = {
+    "text-embedding-3-small": 1536,
+    "text-embedding-3-large": 3072,
+    "text-embedding-ada-002": 1536,
+}
+"""Output width of OpenAI's embedding models when no ``dimensions`` is sent."""
+
+MAX_INPUT_TOKENS: Final = 8191
+"""Longest input (in cl100k tokens) OpenAI's embedding models accept."""
+
+READY_PREFIX: Final = "OPENAI_TEST_SERVER_READY "
+"""Line prefix the CLI prints, followed by the base URL, once it accepts connections."""
+
+FaultKind = Literal[
+    "rate_limit",
+    "server_error",
+    "unavailable",
+    "insufficient_quota",
+    "stall",
+    "drop",
+    "drop_after",
+    "shuffle",
+    "nan",
+    "wrong_dims",
+    "wrong_count",
+]
+"""A fault the server can inject into one embeddings request.
+
+``rate_limit``/``server_error``/``unavailable``/``insufficient_quota`` answer
+429/500/503/429 without doing any work.  ``stall`` waits ``stall_seconds``
+before handling the request normally (and gives up, billing nothing, if the
+client disconnects first).  ``drop`` closes the connection without answering;
+``drop_after`` does the work and bills it, then closes the connection, as when
+a response is lost on the way back.  ``shuffle``, ``nan``, ``wrong_dims`` and
+``wrong_count`` corrupt an otherwise successful (and billed) 200.
+"""
+
+FAULT_KINDS: Final[tuple[FaultKind, ...]] = get_args(FaultKind)
+
+_FAULT_ALIASES: Final[Mapping[str, FaultKind]] = {
+    "429": "rate_limit",
+    "500": "server_error",
+    "503": "unavailable",
+}
+
+DimensionsMode = Literal["reject", "ignore", "honour"]
+"""How models other than ``text-embedding-3-*`` treat a ``dimensions`` parameter."""
+
+_DIMENSIONS_MODES: Final[tuple[DimensionsMode, ...]] = get_args(DimensionsMode)
+
+_ORGANIZATION: Final = "org-embedpipe-test"
+_RATE_LIMIT_DOCS: Final = "Visit https://platform.openai.com/account/rate-limits to learn more."
+_INVALID_INPUT: Final = (
+    "'$.input' is invalid. Please check the API reference: https://platform.openai.com/docs/api-reference."
+)
+# Key under which the outermost ASGI callable stashes the server's own `send`,
+# whose bound instance owns the socket; Starlette wraps `send` before endpoints see it.
+_RAW_SEND_KEY: Final = "embedpipe.test_server.raw_send"
+_REPO_ROOT: Final = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------
+# Tokenizer and vectors
+# --------------------------------------------------------------------------
+
+# Copied from tiktoken_ext/openai_public.py (cl100k_base); kept here because
+# tiktoken.get_encoding() downloads the ranks on first use, which tests cannot.
+_CL100K_PAT_STR: Final = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
+    r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
+)
+_CL100K_SPECIAL_TOKENS: Final[Mapping[str, int]] = {
+    "<|endoftext|>": 100257,
+    "<|fim_prefix|>": 100258,
+    "<|fim_middle|>": 100259,
+    "<|fim_suffix|>": 100260,
+    "<|endofprompt|>": 100276,
+}
+
+
+@functools.cache
+def cl100k_encoding() -> tiktoken.Encoding:
+    """Return tiktoken's cl100k_base encoding, built offline from bpe-openai's copy of its ranks.
+
+    All OpenAI embedding models (``text-embedding-3-*`` and ada-002) tokenize
+    with cl100k_base, so it counts tokens for usage, limits and billing.
+    """
+    # find_spec locates the package without importing it: importing bpe_openai
+    # loads its native tokenizer, which costs about a second.
+    spec = importlib.util.find_spec("bpe_openai")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("bpe-openai is not installed; the test server reads cl100k_base's ranks from it")
+    ranks_file = Path(spec.origin).parent / "data" / "cl100k_base.tiktoken.gz"
+    ranks: dict[bytes, int] = {}
+    for line in gzip.decompress(ranks_file.read_bytes()).splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    return tiktoken.Encoding(
+        name="cl100k_base",
+        pat_str=_CL100K_PAT_STR,
+        mergeable_ranks=ranks,
+        special_tokens=dict(_CL100K_SPECIAL_TOKENS),
+    )
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_vector(text: str, dims: int, model: str) -> npt.NDArray[np.float32]:
+    """Compute (once per recent key) the read-only vector behind :func:`expected_vector`."""
+    digest = hashlib.sha256(f"{model}\x00{text}".encode()).digest()
+    generator = np.random.default_rng(int.from_bytes(digest, "little"))
+    raw = generator.standard_normal(dims)
+    vector: npt.NDArray[np.float32] = (raw / np.linalg.norm(raw)).astype(np.float32)
+    vector.flags.writeable = False
+    return vector
+
+
+def expected_vector(text: str, dims: int, model: str = DEFAULT_MODEL) -> npt.NDArray[np.float32]:
+    """Return the embedding the server answers for ``text`` at ``dims`` dimensions.
+
+    The vector is float32 and L2-normalised, drawn from a numpy Generator seeded
+    with SHA-256 of ``model`` and ``text``.  Generators draw sequentially, so a
+    shorter vector is the renormalised prefix of a longer one, like OpenAI's
+    shortened ``text-embedding-3`` embeddings.  Token-array inputs are decoded
+    with cl100k_base first, so they get the vector of their text.
+    """
+    if dims < 1:
+        raise ValueError(f"dims must be >= 1, got {dims}")
+    vector: npt.NDArray[np.float32] = _cached_vector(text, dims, model).copy()
+    return vector
+
+
+def expected_vectors(texts: Sequence[str], dims: int, model: str = DEFAULT_MODEL) -> npt.NDArray[np.float32]:
+    """Stack :func:`expected_vector` for each text into a ``(len(texts), dims)`` matrix."""
+    matrix = np.empty((len(texts), dims), dtype=np.float32)
+    for row, text in enumerate(texts):
+        matrix[row] = _cached_vector(text, dims, model)
+    return matrix
+
+
+def format_go_duration(seconds: float) -> str:
+    """Format a duration the way OpenAI's ``x-ratelimit-reset-*`` headers do (Go's ``time.Duration``).
+
+    Rounded up to whole milliseconds, so a client that waits the advertised
+    time is never early: ``0s``, ``12ms``, ``1s``, ``8.64s``, ``6m0s``, ``1h2m5.5s``.
+    """
+    millis = max(0, math.ceil(seconds * 1000))
+    if millis == 0:
+        return "0s"
+    if millis < 1000:
+        return f"{millis}ms"
+    hours, rest = divmod(millis, 3_600_000)
+    minutes, rest = divmod(rest, 60_000)
+    whole, fraction = divmod(rest, 1000)
+    secs = f"{whole}.{fraction:03d}".rstrip("0") if fraction else str(whole)
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
+    if minutes:
+        return f"{minutes}m{secs}s"
+    return f"{secs}s"
+
+
+# --------------------------------------------------------------------------
+# Configuration, rate limits, ledger
+# --------------------------------------------------------------------------
+
+
+def _normalise_fault(fault: str | None) -> FaultKind | None:
+    """Map a fault name or alias (``"503"``) to its kind; ``None`` and ``"ok"`` mean no fault."""
+    if fault is None or fault == "ok":
+        return None
+    kind = _FAULT_ALIASES.get(fault, fault)
+    for known in FAULT_KINDS:
+        if kind == known:
+            return known
+    raise ValueError(f"unknown fault {fault!r}; expected one of {', '.join(FAULT_KINDS)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    """Everything that shapes the server's answers; replaced wholesale by :meth:`ServerControl.configure`."""
+
+    rpm: int | None = 10_000
+    """Request bucket capacity per ``window``; ``None`` disables the limit and its headers."""
+    tpm: int | None = 10_000_000
+    """Token bucket capacity per ``window``; ``None`` disables the limit and its headers."""
+    window: float = 60.0
+    """Seconds over which an empty bucket refills completely (tests use 1-2 s)."""
+    default_dims: int = 384
+    """Native width of models that are neither in :data:`NATIVE_DIMS` nor in ``model_dims``."""
+    model_dims: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    """Extra or overriding native widths per model name."""
+    dimensions_mode: DimensionsMode = "reject"
+    """What non-``text-embedding-3`` models do with ``dimensions``: 400, ignore it, or honour it."""
+    max_input_tokens: int = MAX_INPUT_TOKENS
+    """Longest single input; a longer one fails the whole request with 400."""
+    max_batch_size: int = 2048
+    """Most inputs per request."""
+    max_request_tokens: int = 300_000
+    """Most tokens summed over one request's inputs."""
+    poison: tuple[str, ...] = ()
+    """Substrings that make any request containing them fail with an input-specific 400."""
+    latency: float = 0.0
+    """Seconds added before every successful answer."""
+    latency_per_token: float = 0.0
+    """Seconds added per input token before every successful answer."""
+    stall_seconds: float = 30.0
+    """How long a ``stall`` fault holds a request before handling it."""
+    retry_after_ms: int = 50
+    """``retry-after-ms`` sent with injected ``rate_limit`` faults."""
+    should_retry: bool | None = None
+    """If set, error responses carry ``x-should-retry: true|false``, which the openai SDK obeys."""
+    quota_exhausted: bool = False
+    """Answer every request with 429 ``insufficient_quota``."""
+    fault_rates: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    """Probability per fault kind of hitting a request no scripted fault claims (sum <= 1)."""
+    seed: int = 0
+    """Seed of the generator behind ``fault_rates`` and fault details, for reproducible runs."""
+
+    def __post_init__(self) -> None:
+        """Validate the values and normalise aliases and JSON shapes (lists, string keys)."""
+        if self.window <= 0:
+            raise ValueError(f"window must be > 0, got {self.window}")
+        for name in ("rpm", "tpm"):
+            limit = getattr(self, name)
+            if limit is not None and limit < 1:
+                raise ValueError(f"{name} must be >= 1 or None, got {limit}")
+        if self.dimensions_mode not in _DIMENSIONS_MODES:
+            raise ValueError(f"dimensions_mode must be one of {_DIMENSIONS_MODES}, got {self.dimensions_mode!r}")
+        if self.default_dims < 1 or any(dims < 1 for dims in self.model_dims.values()):
+            raise ValueError("model widths must be >= 1")
+        rates: dict[str, float] = {}
+        for fault, probability in self.fault_rates.items():
+            kind = _normalise_fault(fault)
+            if kind is None or not 0.0 <= probability <= 1.0:
+                raise ValueError(f"invalid fault rate {fault!r}: {probability!r}")
+            rates[kind] = rates.get(kind, 0.0) + float(probability)
+        if sum(rates.values()) > 1.0 + 1e-9:
+            raise ValueError(f"fault rates sum to more than 1: {rates}")
+        poison = (self.poison,) if isinstance(self.poison, str) else tuple(self.poison)
+        if any(not marker for marker in poison):
+            raise ValueError("poison substrings must be non-empty")
+        # Frozen dataclass: normalised values are written around the freeze.
+        object.__setattr__(self, "fault_rates", rates)
+        object.__setattr__(self, "poison", poison)
+        object.__setattr__(self, "model_dims", {str(k): int(v) for k, v in self.model_dims.items()})
+
+    def native_dims(self, model: str) -> int:
+        """Return the width ``model`` answers with when no ``dimensions`` is requested."""
+        return self.model_dims.get(model) or NATIVE_DIMS.get(model) or self.default_dims
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the configuration as JSON-compatible data (accepted back by ``ServerConfig(**data)``)."""
+        data = dataclasses.asdict(self)
+        data["poison"] = list(self.poison)
+        return data
+
+
+class TokenBucket:
+    """A bucket of ``capacity`` units that refills continuously, completely in ``window`` seconds."""
+
+    def __init__(self, capacity: int, window: float, clock: Callable[[], float] = time.monotonic) -> None:
+        """Create a full bucket."""
+        self.capacity = capacity
+        self.rate = capacity / window
+        self._clock = clock
+        self._level = float(capacity)
+        self._stamp = clock()
+
+    def level(self) -> float:
+        """Return the units available now."""
+        now = self._clock()
+        self._level = min(self.capacity, self._level + (now - self._stamp) * self.rate)
+        self._stamp = now
+        return self._level
+
+    def wait_for(self, amount: float) -> float:
+        """Return the seconds until ``amount`` units are available (infinite above capacity)."""
+        if amount > self.capacity:
+            return math.inf
+        return max(0.0, (amount - self.level()) / self.rate)
+
+    def take(self, amount: float) -> None:
+        """Remove ``amount`` units (callers check :meth:`wait_for` first)."""
+        self._level = self.level() - amount
+
+    def time_to_full(self) -> float:
+        """Return the seconds until the bucket is full again (OpenAI's "reset" time)."""
+        return (self.capacity - self.level()) / self.rate
+
+
+@dataclasses.dataclass(frozen=True)
+class LedgerSnapshot:
+    """What the server has billed and answered, as of one moment.
+
+    Tokens are billed only for requests the server completed: every 200, plus
+    ``drop_after`` faults.  Requests that failed, were dropped before any work,
+    or whose client left during a stall or latency wait bill nothing.
+    """
+
+    times_billed: Mapping[str, int]
+    """Text -> how many times it was billed (token-array inputs appear as their decoded text)."""
+    tokens_billed: Mapping[str, int]
+    """Text -> tokens billed for it, summed over all its billings."""
+    billed_tokens: int
+    """Tokens billed in total."""
+    requests_total: int
+    """Embeddings requests received, whatever happened to them."""
+    status_counts: Mapping[int, int]
+    """HTTP status -> embeddings responses sent with it."""
+    connections_dropped: int
+    """Connections closed without an answer (``drop`` and ``drop_after`` faults, shutdown during a wait)."""
+    requests_abandoned: int
+    """Requests whose client disconnected while the server was waiting (stall, latency)."""
+    stalls: int
+    """Stall faults applied."""
+
+    @property
+    def requests_ok(self) -> int:
+        """Return the number of 200 responses."""
+        return self.status_counts.get(200, 0)
+
+    @property
+    def responses_429(self) -> int:
+        """Return the number of 429 responses (rate limits and quota)."""
+        return self.status_counts.get(429, 0)
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the snapshot as JSON-compatible data (what ``GET /_ledger`` sends)."""
+        data = dataclasses.asdict(self)
+        data["status_counts"] = {str(status): count for status, count in self.status_counts.items()}
+        data["requests_ok"] = self.requests_ok
+        data["responses_429"] = self.responses_429
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> LedgerSnapshot:
+        """Rebuild a snapshot from :meth:`to_json`'s output."""
+        fields = {field.name for field in dataclasses.fields(cls)}
+        values = {name: value for name, value in data.items() if name in fields}
+        values["status_counts"] = {int(status): count for status, count in data["status_counts"].items()}
+        return cls(**values)
+
+
+@dataclasses.dataclass
+class _Ledger:
+    """Mutable counters behind :class:`LedgerSnapshot`; guarded by the control's lock."""
+
+    times_billed: Counter[str] = dataclasses.field(default_factory=Counter)
+    tokens_billed: Counter[str] = dataclasses.field(default_factory=Counter)
+    billed_tokens: int = 0
+    requests_total: int = 0
+    status_counts: Counter[int] = dataclasses.field(default_factory=Counter)
+    connections_dropped: int = 0
+    requests_abandoned: int = 0
+    stalls: int = 0
+
+    def snapshot(self) -> LedgerSnapshot:
+        return LedgerSnapshot(
+            times_billed=dict(self.times_billed),
+            tokens_billed=dict(self.tokens_billed),
+            billed_tokens=self.billed_tokens,
+            requests_total=self.requests_total,
+            status_counts=dict(self.status_counts),
+            connections_dropped=self.connections_dropped,
+            requests_abandoned=self.requests_abandoned,
+            stalls=self.stalls,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Admission:
+    """The rate limiter's verdict on one request."""
+
+    admitted: bool
+    limit_type: Literal["requests", "tokens"] = "requests"
+    retry_after: float = 0.0
+    limit: int = 0
+    used: int = 0
+    requested: int = 0
+
+
+class ServerControl:
+    """Runtime state of one server: configuration, fault script, rate buckets and ledger.
+
+    Thread-safe: tests call it from their own thread while the server runs in
+    another.  :class:`RemoteControl` offers the same methods over HTTP.
+    """
+
+    def __init__(self, config: ServerConfig | None = None) -> None:
+        """Start from ``config`` (defaults if omitted), which :meth:`reset` returns to."""
+        self._initial = config or ServerConfig()
+        self._lock = threading.Lock()
+        self._config = self._initial
+        self._script: deque[FaultKind | None] = deque()
+        self._ledger = _Ledger()
+        self._rng = random.Random(self._initial.seed)
+        self._requests: TokenBucket | None = None
+        self._tokens: TokenBucket | None = None
+        self._rebuild_buckets()
+
+    # -- public API ---------------------------------------------------------
+
+    @property
+    def config(self) -> ServerConfig:
+        """Return the configuration in force."""
+        return self._config
+
+    @property
+    def ledger(self) -> LedgerSnapshot:
+        """Return a snapshot of what has been billed and answered so far."""
+        with self._lock:
+            return self._ledger.snapshot()
+
+    @property
+    def pending_faults(self) -> tuple[FaultKind | None, ...]:
+        """Return the scripted faults not yet consumed (``None`` entries pass a request through)."""
+        with self._lock:
+            return tuple(self._script)
+
+    def configure(self, **changes: Any) -> ServerConfig:
+        """Change configuration fields (see :class:`ServerConfig`) from the next request on.
+
+        Changing ``rpm``, ``tpm`` or ``window`` refills the buckets; changing
+        ``seed`` reseeds the fault generator.
+        """
+        with self._lock:
+            old = self._config
+            self._config = dataclasses.replace(old, **changes)
+            if (old.rpm, old.tpm, old.window) != (self._config.rpm, self._config.tpm, self._config.window):
+                self._rebuild_buckets()
+            if "seed" in changes:
+                self._rng = random.Random(self._config.seed)
+            return self._config
+
+    def script(self, *faults: FaultKind | str | None) -> None:
+        """Queue faults for the next requests, one each, in order; ``None`` or ``"ok"`` lets one through.
+
+        Scripted faults take precedence over ``fault_rates``.  Each embeddings
+        request consumes one entry, whatever else happens to it.
+        """
+        kinds = [_normalise_fault(fault) for fault in faults]
+        with self._lock:
+            self._script.extend(kinds)
+
+    def fail_next(self, fault: FaultKind | str, times: int = 1) -> None:
+        """Queue ``fault`` for the next ``times`` requests (after faults already queued)."""
+        self.script(*([fault] * times))
+
+    def set_fault_rate(self, fault: FaultKind | str, probability: float) -> None:
+        """Set the probability that a request with no scripted fault gets ``fault`` (0 removes it)."""
+        kind = _normalise_fault(fault)
+        if kind is None:
+            raise ValueError("a fault kind is required")
+        rates = {k: v for k, v in self._config.fault_rates.items() if k != kind}
+        if probability:
+            rates[kind] = probability
+        self.configure(fault_rates=rates)
+
+    def clear_faults(self) -> None:
+        """Drop scripted faults and fault rates, and leave quota exhaustion."""
+        with self._lock:
+            self._script.clear()
+        self.configure(fault_rates={}, quota_exhausted=False)
+
+    def reset_ledger(self) -> None:
+        """Zero the ledger."""
+        with self._lock:
+            self._ledger = _Ledger()
+
+    def reset(self) -> None:
+        """Return to the construction-time state: configuration, faults, full buckets, empty ledger, seed."""
+        with self._lock:
+            self._config = self._initial
+            self._script.clear()
+            self._ledger = _Ledger()
+            self._rng = random.Random(self._initial.seed)
+            self._rebuild_buckets()
+
+    def state(self) -> dict[str, Any]:
+        """Return configuration and pending script as JSON-compatible data (what ``/_control`` answers)."""
+        return {"config": self._config.to_json(), "pending_faults": list(self.pending_faults)}
+
+    # -- used by the app ----------------------------------------------------
+
+    def _rebuild_buckets(self) -> None:
+        config = self._config
+        self._requests = TokenBucket(config.rpm, config.window) if config.rpm is not None else None
+        self._tokens = TokenBucket(config.tpm, config.window) if config.tpm is not None else None
+
+    def _begin_request(self) -> FaultKind | None:
+        """Count an embeddings request and pick its fault: scripted first, then by ``fault_rates``."""
+        with self._lock:
+            self._ledger.requests_total += 1
+            if self._script:
+                return self._script.popleft()
+            rates = self._config.fault_rates
+            if not rates:
+                return None
+            # One draw per request keeps a seeded run reproducible whatever the rates are.
+            draw, cumulative = self._rng.random(), 0.0
+            for kind, probability in rates.items():
+                cumulative += probability
+                if draw < cumulative:
+                    return cast(FaultKind, kind)
+            return None
+
+    def _random_index(self, size: int) -> int:
+        with self._lock:
+            return self._rng.randrange(size)
+
+    def _permutation(self, size: int) -> list[int]:
+        with self._lock:
+            order = list(range(size))
+            self._rng.shuffle(order)
+        if size > 1 and order == sorted(order):
+            # A shuffle fault must be visible: never hand back the original order.
+            order.reverse()
+        return order
+
+    def _admit(self, tokens: int) -> _Admission:
+        """Take one request and ``tokens`` tokens from the buckets, or say why and for how long not."""
+        with self._lock:
+            checks = [
+                (bucket, amount, kind)
+                for bucket, amount, kind in (
+                    (self._requests, 1, "requests"),
+                    (self._tokens, tokens, "tokens"),
+                )
+                if bucket is not None
+            ]
+            worst: _Admission | None = None
+            for bucket, amount, kind in checks:
+                wait = bucket.wait_for(amount)
+                if wait > 0 and (worst is None or wait > worst.retry_after):
+                    worst = _Admission(
+                        admitted=False,
+                        limit_type=cast(Literal["requests", "tokens"], kind),
+                        retry_after=wait,
+                        limit=bucket.capacity,
+                        used=bucket.capacity - math.floor(bucket.level()),
+                        requested=amount,
+                    )
+            if worst is not None:
+                return worst
+            for bucket, amount, _ in checks:
+                bucket.take(amount)
+            return _Admission(admitted=True)
+
+    def _rate_headers(self) -> dict[str, str]:
+        """Return OpenAI's ``x-ratelimit-*`` headers for the buckets' current state."""
+        headers: dict[str, str] = {}
+        with self._lock:
+            for bucket, kind in ((self._requests, "requests"), (self._tokens, "tokens")):
+                if bucket is None:
+                    continue
+                headers[f"x-ratelimit-limit-{kind}"] = str(bucket.capacity)
+                headers[f"x-ratelimit-remaining-{kind}"] = str(max(0, math.floor(bucket.level())))
+                headers[f"x-ratelimit-reset-{kind}"] = format_go_duration(bucket.time_to_full())
+        return headers
+
+    def _record_status(self, status: int) -> None:
+        with self._lock:
+            self._ledger.status_counts[status] += 1
+
+    def _bill(self, texts: Sequence[str], token_counts: Sequence[int]) -> None:
+        with self._lock:
+            for text, count in zip(texts, token_counts, strict=True):
+                self._ledger.times_billed[text] += 1
+                self._ledger.tokens_billed[text] += count
+                self._ledger.billed_tokens += count
+
+    def _note(self, event: Literal["dropped", "abandoned", "stall"]) -> None:
+        with self._lock:
+            if event == "dropped":
+                self._ledger.connections_dropped += 1
+            elif event == "abandoned":
+                self._ledger.requests_abandoned += 1
+            else:
+                self._ledger.stalls += 1
+
+
+# --------------------------------------------------------------------------
+# The ASGI application
+# --------------------------------------------------------------------------
+
+
+class _APIError(Exception):
+    """An error answered in OpenAI's ``{"error": {...}}`` shape."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",  # OpenAI's field name
+        param: str | None = None,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = {"error": {"message": message, "type": type, "param": param, "code": code}}
+        self.headers = dict(headers or {})
+
+
+@dataclasses.dataclass(frozen=True)
+class _EmbeddingRequest:
+    """A validated embeddings request."""
+
+    model: str
+    texts: list[str]
+    token_counts: list[int]
+    dims: int
+    encoding_format: Literal["float", "base64"]
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.token_counts)
+
+
+def _parse_inputs(raw: object) -> tuple[list[str], list[int]]:
+    """Turn ``input`` (string, strings, token array, token arrays) into texts and their token counts."""
+    encoding = cl100k_encoding()
+
+    def is_token(value: object) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    if isinstance(raw, str):
+        items: list[object] = [raw]
+    elif isinstance(raw, list) and raw and all(is_token(value) for value in raw):
+        items = [raw]  # a single token array
+    elif isinstance(raw, list) and raw:
+        items = raw
+    else:
+        raise _APIError(400, _INVALID_INPUT)
+    texts: list[str] = []
+    counts: list[int] = []
+    for item in items:
+        if isinstance(item, str) and item:
+            texts.append(item)
+            counts.append(len(encoding.encode_ordinary(item)))
+        elif isinstance(item, list) and item and all(is_token(value) for value in item):
+            tokens = cast(list[int], item)
+            try:
+                texts.append(encoding.decode(tokens))
+            except (KeyError, ValueError, OverflowError) as error:
+                raise _APIError(400, f"Invalid token in 'input': {error}", param="input") from error
+            # OpenAI bills token arrays as sent, not as their text would re-encode.
+            counts.append(len(tokens))
+        else:
+            raise _APIError(400, _INVALID_INPUT)
+    return texts, counts
+
+
+def _parse_request(body: object, config: ServerConfig) -> _EmbeddingRequest:
+    """Validate an embeddings request body the way OpenAI does, raising :class:`_APIError`."""
+    if not isinstance(body, dict):
+        raise _APIError(400, "We could not parse the JSON body of your request.")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise _APIError(400, "you must provide a model parameter", param="model")
+    if "input" not in body:
+        raise _APIError(400, "'input' is a required property", param="input")
+    encoding_format = body.get("encoding_format") or "float"
+    if encoding_format not in ("float", "base64"):
+        raise _APIError(
+            400,
+            f"Invalid value: '{encoding_format}'. Supported values are: 'float' and 'base64'.",
+            param="encoding_format",
+            code="invalid_value",
+        )
+
+    texts, counts = _parse_inputs(body["input"])
+    if len(texts) > config.max_batch_size:
+        raise _APIError(
+            400,
+            f"Invalid 'input': maximum input array size is {config.max_batch_size}, got {len(texts)}.",
+            param="input",
+        )
+    for count in counts:
+        if count > config.max_input_tokens:
+            raise _APIError(
+                400,
+                f"This model's maximum context length is {config.max_input_tokens + 1} tokens, however you "
+                f"requested {count} tokens ({count} in your prompt; 0 for the completion). "
+                "Please reduce your prompt; or completion length.",
+            )
+    if sum(counts) > config.max_request_tokens:
+        raise _APIError(
+            400,
+            f"Requested {sum(counts)} tokens, max {config.max_request_tokens} tokens per request",
+            param="input",
+        )
+    for index, text in enumerate(texts):
+        for marker in config.poison:
+            if marker in text:
+                raise _APIError(
+                    400,
+                    f"Invalid 'input[{index}]': the input contains content this server rejects ({marker!r}).",
+                    param=f"input[{index}]",
+                    code="invalid_input",
+                )
+
+    native = config.native_dims(model)
+    dims = native
+    requested = body.get("dimensions")
+    if requested is not None:
+        if not isinstance(requested, int) or isinstance(requested, bool):
+            raise _APIError(400, "Invalid type for 'dimensions': expected an integer.", param="dimensions")
+        supports = model.startswith("text-embedding-3") or config.dimensions_mode == "honour"
+        if not supports and config.dimensions_mode == "reject":
+            raise _APIError(400, "This model does not support specifying dimensions.", param="dimensions")
+        if supports:
+            if requested < 1:
+                raise _APIError(
+                    400,
+                    f"Invalid 'dimensions': integer below minimum value. Expected a value >= 1, "
+                    f"but got {requested} instead.",
+                    param="dimensions",
+                    code="integer_below_min_value",
+                )
+            if requested > native:
+                raise _APIError(
+                    400,
+                    f"Invalid 'dimensions': integer above maximum value. Expected a value <= {native}, "
+                    f"but got {requested} instead.",
+                    param="dimensions",
+                    code="integer_above_max_value",
+                )
+            dims = requested
+    return _EmbeddingRequest(model, texts, counts, dims, cast(Literal["float", "base64"], encoding_format))
+
+
+def _encode_vector(vector: npt.NDArray[np.float32], encoding_format: Literal["float", "base64"]) -> object:
+    if encoding_format == "base64":
+        return base64.b64encode(vector.astype("<f4", copy=False).tobytes()).decode("ascii")
+    return vector.tolist()
+
+
+def _build_payload(request: _EmbeddingRequest, fault: FaultKind | None, control: ServerControl) -> bytes:
+    """Render the 200 body, corrupted as ``fault`` says."""
+    vectors = [_cached_vector(text, request.dims, request.model) for text in request.texts]
+    order = list(range(len(vectors)))
+    if fault == "nan":
+        victim = control._random_index(len(vectors))
+        vectors[victim] = vectors[victim].copy()
+        vectors[victim][control._random_index(request.dims)] = np.nan
+    elif fault == "wrong_dims":
+        victim = control._random_index(len(vectors))
+        vectors[victim] = vectors[victim][: request.dims - 1] if request.dims > 1 else np.zeros(2, np.float32)
+    elif fault == "shuffle":
+        order = control._permutation(len(vectors))
+    elif fault == "wrong_count":
+        order = order[:-1]
+    payload = {
+        "object": "list",
+        "data": [
+            {"object": "embedding", "index": i, "embedding": _encode_vector(vectors[i], request.encoding_format)}
+            for i in order
+        ],
+        "model": request.model,
+        "usage": {"prompt_tokens": request.total_tokens, "total_tokens": request.total_tokens},
+    }
+    # allow_nan: the "nan" fault must reach the client as the NaN token Python's json reads.
+    return json.dumps(payload, allow_nan=True, separators=(",", ":")).encode()
+
+
+async def _until_disconnect(receive: Receive) -> None:
+    """Return once the client has gone (the request body must already have been read)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+class _DropConnection(Response):
+    """A "response" that closes the TCP connection without sending a byte, like a crashed upstream."""
+
+    def __init__(self) -> None:
+        super().__init__(status_code=500)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raw_send = scope.get(_RAW_SEND_KEY)
+        # uvicorn's `send` is a bound method of the request cycle, which holds the transport.
+        transport = getattr(getattr(raw_send, "__self__", None), "transport", None)
+        if not isinstance(transport, asyncio.BaseTransport):
+            raise ConnectionAbortedError("cannot reach the transport to drop the connection")
+        transport.close()
+        # Wait for uvicorn to notice the closed socket, or it would answer its own 500 on it.
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(_until_disconnect(receive), timeout=5)
+
+
+def _json_response(status: int, body: bytes, headers: Mapping[str, str]) -> Response:
+    return Response(body, status_code=status, headers=dict(headers), media_type="application/json")
+
+
+class _EmbeddingsApp:
+    """The ASGI application: OpenAI's embeddings and models endpoints plus ``/_ledger`` and ``/_control``."""
+
+    def __init__(self, control: ServerControl) -> None:
+        self.control = control
+        self._shutdown: asyncio.Event | None = None
+        routes = [
+            Route("/v1/embeddings", self._embeddings, methods=["POST"]),
+            Route("/embeddings", self._embeddings, methods=["POST"]),
+            Route("/v1/models", self._models, methods=["GET"]),
+            Route("/models", self._models, methods=["GET"]),
+            Route("/_ledger", self._ledger, methods=["GET"]),
+            Route("/_control", self._control, methods=["GET", "POST"]),
+        ]
+        self._router = Starlette(routes=routes)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            scope[_RAW_SEND_KEY] = send
+        await self._router(scope, receive, send)
+
+    def begin_shutdown(self) -> None:
+        """Wake every request waiting on a stall or latency so the server can stop promptly."""
+        self._shutdown_event().set()
+
+    def _shutdown_event(self) -> asyncio.Event:
+        if self._shutdown is None:
+            self._shutdown = asyncio.Event()
+        return self._shutdown
+
+    async def _wait(self, seconds: float, receive: Receive) -> Literal["elapsed", "disconnected", "shutdown"]:
+        """Sleep ``seconds`` unless the client disconnects or the server shuts down first."""
+        if seconds <= 0:
+            return "elapsed"
+
+        waiters = {
+            asyncio.ensure_future(self._shutdown_event().wait()): "shutdown",
+            asyncio.ensure_future(_until_disconnect(receive)): "disconnected",
+        }
+        try:
+            done, _ = await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+        if not done:
+            return "elapsed"
+        return cast(Literal["disconnected", "shutdown"], waiters[done.pop()])
+
+    def _respond(self, status: int, body: bytes, request_id: str, started: float) -> Response:
+        """Build an embeddings response with OpenAI's bookkeeping headers and count its status."""
+        config = self.control.config
+        headers = {
+            "x-request-id": request_id,
+            "openai-processing-ms": str(int((time.perf_counter() - started) * 1000)),
+            "openai-organization": _ORGANIZATION,
+            **self.control._rate_headers(),
+        }
+        if status != 200 and config.should_retry is not None:
+            headers["x-should-retry"] = "true" if config.should_retry else "false"
+        self.control._record_status(status)
+        return _json_response(status, body, headers)
+
+    def _error(self, error: _APIError, request_id: str, started: float) -> Response:
+        response = self._respond(error.status, json.dumps(error.body).encode(), request_id, started)
+        response.headers.update(error.headers)
+        return response
+
+    def _abandon(self, outcome: Literal["disconnected", "shutdown"]) -> Response:
+        """Give up on a request whose client left (nothing to send) or that shutdown interrupted."""
+        self.control._note("abandoned" if outcome == "disconnected" else "dropped")
+        return _DropConnection()
+
+    async def _embeddings(self, request: Request) -> Response:
+        started = time.perf_counter()
+        request_id = f"req_{uuid.uuid4().hex}"
+        control = self.control
+        fault = control._begin_request()
+        config = control.config
+        try:
+            if config.quota_exhausted or fault == "insufficient_quota":
+                raise _APIError(
+                    429,
+                    "You exceeded your current quota, please check your plan and billing details. For more "
+                    "information on this error, read the docs: "
+                    "https://platform.openai.com/docs/guides/error-codes/api-errors.",
+                    type="insufficient_quota",
+                    code="insufficient_quota",
+                )
+            if fault == "rate_limit":
+                wait_ms = config.retry_after_ms
+                raise _APIError(
+                    429,
+                    f"Rate limit reached for requests in organization {_ORGANIZATION}. "
+                    f"Please try again in {format_go_duration(wait_ms / 1000)}. {_RATE_LIMIT_DOCS}",
+                    type="requests",
+                    code="rate_limit_exceeded",
+                    headers={"retry-after-ms": str(wait_ms), "retry-after": str(math.ceil(wait_ms / 1000))},
+                )
+            if fault == "server_error":
+                raise _APIError(
+                    500, "The server had an error while processing your request. Sorry about that!", type="server_error"
+                )
+            if fault == "unavailable":
+                raise _APIError(503, "The server is overloaded or not ready yet.", type="server_error")
+            if fault == "drop":
+                control._note("dropped")
+                return _DropConnection()
+
+            raw_body = await request.body()
+            try:
+                body = json.loads(raw_body)
+            except ValueError as error:
+                raise _APIError(400, "We could not parse the JSON body of your request.") from error
+
+            if fault == "stall":
+                control._note("stall")
+                outcome = await self._wait(config.stall_seconds, request.receive)
+                if outcome != "elapsed":
+                    return self._abandon(outcome)
+
+            # Tokenizing big batches is CPU work: keep it off the loop so other requests proceed.
+            parsed = await asyncio.to_thread(_parse_request, body, config)
+
+            admission = control._admit(parsed.total_tokens)
+            if not admission.admitted:
+                raise self._rate_limited(parsed.model, admission)
+
+            delay = config.latency + config.latency_per_token * parsed.total_tokens
+            outcome = await self._wait(delay, request.receive)
+            if outcome != "elapsed":
+                return self._abandon(outcome)
+
+            payload = await asyncio.to_thread(_build_payload, parsed, fault, control)
+            control._bill(parsed.texts, parsed.token_counts)
+            if fault == "drop_after":
+                control._note("dropped")
+                return _DropConnection()
+            return self._respond(200, payload, request_id, started)
+        except _APIError as error:
+            return self._error(error, request_id, started)
+
+    @staticmethod
+    def _rate_limited(model: str, admission: _Admission) -> _APIError:
+        """Build the 429 OpenAI sends when a request does not fit a bucket."""
+        label = "requests per min (RPM)" if admission.limit_type == "requests" else "tokens per min (TPM)"
+        if math.isinf(admission.retry_after):
+            # Larger than the bucket: waiting cannot help, and OpenAI sends no retry-after.
+            return _APIError(
+                429,
+                f"Request too large for {model} in organization {_ORGANIZATION} on {label}: Limit "
+                f"{admission.limit}, Requested {admission.requested}. The input or output tokens must be "
+                f"reduced in order to run successfully. {_RATE_LIMIT_DOCS}",
+                type=admission.limit_type,
+                code="rate_limit_exceeded",
+            )
+        wait_ms = max(1, math.ceil(admission.retry_after * 1000))
+        return _APIError(
+            429,
+            f"Rate limit reached for {model} in organization {_ORGANIZATION} on {label}: Limit "
+            f"{admission.limit}, Used {admission.used}, Requested {admission.requested}. Please try again in "
+            f"{format_go_duration(admission.retry_after)}. {_RATE_LIMIT_DOCS}",
+            type=admission.limit_type,
+            code="rate_limit_exceeded",
+            headers={"retry-after-ms": str(wait_ms), "retry-after": str(math.ceil(wait_ms / 1000))},
+        )
+
+    async def _models(self, request: Request) -> Response:
+        config = self.control.config
+        names = dict.fromkeys([*NATIVE_DIMS, *config.model_dims])
+        body = {
+            "object": "list",
+            "data": [{"id": name, "object": "model", "created": 0, "owned_by": "openai"} for name in names],
+        }
+        return _json_response(200, json.dumps(body).encode(), self.control._rate_headers())
+
+    async def _ledger(self, request: Request) -> Response:
+        return _json_response(200, json.dumps(self.control.ledger.to_json()).encode(), {})
+
+    async def _control(self, request: Request) -> Response:
+        """Apply ``{"reset", "reset_ledger", "clear_faults", "configure", "script"}`` in that order."""
+        control = self.control
+        if request.method == "POST":
+            try:
+                ops = json.loads(await request.body() or b"{}")
+                if ops.get("reset"):
+                    control.reset()
+                if ops.get("reset_ledger"):
+                    control.reset_ledger()
+                if ops.get("clear_faults"):
+                    control.clear_faults()
+                if ops.get("configure"):
+                    control.configure(**ops["configure"])
+                if ops.get("script"):
+                    control.script(*ops["script"])
+            except (ValueError, TypeError, AttributeError) as error:
+                body = {"error": {"message": str(error), "type": "invalid_request_error", "param": None, "code": None}}
+                return _json_response(400, json.dumps(body).encode(), {})
+        return _json_response(200, json.dumps(control.state()).encode(), {})
+
+
+def create_app(control: ServerControl | None = None) -> Callable[[Scope, Receive, Send], Any]:
+    """Return the server's ASGI application bound to ``control`` (a fresh one if omitted).
+
+    ``drop`` faults need uvicorn's h11 protocol to reach the socket; under other
+    servers (or httpx's ASGITransport) they raise instead.
+    """
+    return _EmbeddingsApp(control or ServerControl())
+
+
+# --------------------------------------------------------------------------
+# Running it
+# --------------------------------------------------------------------------
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, telling the app when shutdown starts and the caller when it is ready."""
+
+    def __init__(self, config: uvicorn.Config, app: _EmbeddingsApp, on_ready: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._app = app
+        self._on_ready = on_ready
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            self._on_ready()
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        # Stalled requests would otherwise hold graceful shutdown for stall_seconds.
+        self._app.begin_shutdown()
+        await super().shutdown(sockets)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """Bind a listening-ready socket; port 0 lets the OS pick a free port, read back from the socket."""
+    # proto must be IPPROTO_TCP (not 0) for asyncio to set TCP_NODELAY on accepted connections;
+    # without it Nagle holds each response body until the client's delayed ACK, 40 ms per request.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.bind((host, port))
+    return sock
+
+
+def _uvicorn_server(app: _EmbeddingsApp, on_ready: Callable[[], None]) -> _Server:
+    config = uvicorn.Config(
+        app,
+        http="h11",  # _DropConnection reaches the socket through h11's request cycle
+        lifespan="off",
+        log_config=None,  # leave the host's (pytest's) logging configuration alone
+        log_level="warning",
+        access_log=False,
+        proxy_headers=False,
+        server_header=False,
+        timeout_graceful_shutdown=2,
+    )
+    return _Server(config, app, on_ready)
+
+
+class OpenAITestServer:
+    """The fault-injecting embeddings server, run by uvicorn in a background thread.
+
+    Keyword arguments are :class:`ServerConfig` fields.  Use as a context
+    manager, or call :meth:`start` and :meth:`stop`.
+    """
+
+    def __init__(self, *, host: str = "127.0.0.1", port: int = 0, **config: Any) -> None:
+        """Configure the server; ``port=0`` picks a free port at :meth:`start`."""
+        self.host = host
+        self.control = ServerControl(ServerConfig(**config))
+        self._requested_port = port
+        self._port: int | None = None
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+        self._failure: BaseException | None = None
+
+    @property
+    def port(self) -> int:
+        """Return the bound port (only while running)."""
+        if self._port is None:
+            raise RuntimeError("the server is not running")
+        return self._port
+
+    @property
+    def url(self) -> str:
+        """Return the root URL, e.g. ``http://127.0.0.1:PORT``."""
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        """Return the OpenAI ``base_url``, e.g. ``http://127.0.0.1:PORT/v1``."""
+        return f"{self.url}/v1"
+
+    @property
+    def ledger(self) -> LedgerSnapshot:
+        """Return a snapshot of what has been billed and answered so far."""
+        return self.control.ledger
+
+    def reset(self) -> None:
+        """Return configuration, faults, buckets and ledger to their construction-time state."""
+        self.control.reset()
+
+    def start(self) -> OpenAITestServer:
+        """Start serving and return once connections are accepted."""
+        if self._thread is not None:
+            raise RuntimeError("the server is already running")
+        cl100k_encoding()  # load before serving, so the first request's latency is not skewed
+        sock = _bind(self.host, self._requested_port)
+        ready = threading.Event()
+        app = _EmbeddingsApp(self.control)
+        server = _uvicorn_server(app, ready.set)
+        self._failure = None
+
+        def serve() -> None:
+            try:
+                asyncio.run(server.serve(sockets=[sock]))
+            except BaseException as error:  # reported to the starting thread by start()
+                self._failure = error
+            finally:
+                sock.close()
+                ready.set()
+
+        thread = threading.Thread(target=serve, name=f"openai-test-server-{id(self):x}", daemon=True)
+        thread.start()
+        ready.wait(timeout=10)
+        if not server.started:
+            server.should_exit = True
+            thread.join(timeout=5)
+            raise RuntimeError("the test server failed to start") from self._failure
+        self._server, self._thread = server, thread
+        self._port = sock.getsockname()[1]
+        return self
+
+    def stop(self) -> None:
+        """Stop serving: pending waits are cut short, then the thread is joined."""
+        server, thread = self._server, self._thread
+        if server is None or thread is None:
+            return
+        server.should_exit = True
+        thread.join(timeout=10)
+        if thread.is_alive():
+            raise RuntimeError("the test server did not stop within 10 s")
+        self._server = self._thread = None
+        self._port = None
+
+    def __enter__(self) -> OpenAITestServer:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+@contextlib.contextmanager
+def running_server(**config: Any) -> Iterator[OpenAITestServer]:
+    """Run an :class:`OpenAITestServer` (same arguments) for the duration of a ``with`` block."""
+    with OpenAITestServer(**config) as server:
+        yield server
+
+
+class RemoteControl:
+    """:class:`ServerControl`'s API for a server in another process, over ``/_control`` and ``/_ledger``."""
+
+    def __init__(self, url: str, *, timeout: float = 5.0) -> None:
+        """Talk to the server at ``url`` (its root or its ``/v1`` base URL)."""
+        root = url.rstrip("/")
+        self.url = root.removesuffix("/v1")
+        self._client = httpx.Client(base_url=self.url, timeout=timeout)
+
+    def _post(self, **ops: Any) -> dict[str, Any]:
+        response = self._client.post("/_control", json=ops)
+        if response.status_code != 200:
+            raise ValueError(response.json()["error"]["message"])
+        return cast(dict[str, Any], response.json())
+
+    @property
+    def config(self) -> ServerConfig:
+        """Return the configuration in force."""
+        return ServerConfig(**self._client.get("/_control").json()["config"])
+
+    @property
+    def ledger(self) -> LedgerSnapshot:
+        """Return a snapshot of the server's ledger."""
+        return LedgerSnapshot.from_json(self._client.get("/_ledger").json())
+
+    @property
+    def pending_faults(self) -> tuple[str | None, ...]:
+        """Return the scripted faults not yet consumed."""
+        return tuple(self._client.get("/_control").json()["pending_faults"])
+
+    def configure(self, **changes: Any) -> ServerConfig:
+        """Change configuration fields (JSON-compatible values only)."""
+        return ServerConfig(**self._post(configure=changes)["config"])
+
+    def script(self, *faults: FaultKind | str | None) -> None:
+        """Queue faults for the next requests, one each."""
+        self._post(script=list(faults))
+
+    def fail_next(self, fault: FaultKind | str, times: int = 1) -> None:
+        """Queue ``fault`` for the next ``times`` requests."""
+        self.script(*([fault] * times))
+
+    def set_fault_rate(self, fault: FaultKind | str, probability: float) -> None:
+        """Set the probability of ``fault`` on requests with no scripted fault."""
+        kind = _normalise_fault(fault)
+        if kind is None:
+            raise ValueError("a fault kind is required")
+        rates = {k: v for k, v in self.config.fault_rates.items() if k != kind}
+        if probability:
+            rates[kind] = probability
+        self.configure(fault_rates=rates)
+
+    def clear_faults(self) -> None:
+        """Drop scripted faults and fault rates, and leave quota exhaustion."""
+        self._post(clear_faults=True)
+
+    def reset_ledger(self) -> None:
+        """Zero the ledger."""
+        self._post(reset_ledger=True)
+
+    def reset(self) -> None:
+        """Return the server to its start-up state."""
+        self._post(reset=True)
+
+    def close(self) -> None:
+        """Close the HTTP client."""
+        self._client.close()
+
+
+class ServerProcess:
+    """The server in a child process (``python -m tests.openai_server``), for tests that need one to kill.
+
+    Keyword arguments are :class:`ServerConfig` fields, passed as ``--config``.
+    """
+
+    def __init__(self, *, host: str = "127.0.0.1", port: int = 0, **config: Any) -> None:
+        """Prepare (not start) a server process."""
+        ServerConfig(**config)  # fail here, not in the child, on a bad configuration
+        self._argv = [
+            sys.executable,
+            "-m",
+            "tests.openai_server",
+            "--host",
+            host,
+            "--port",
+            str(port),
+            "--config",
+            json.dumps(config),
+        ]
+        self._process: subprocess.Popen[str] | None = None
+        self._base_url: str | None = None
+        self._control: RemoteControl | None = None
+
+    @property
+    def base_url(self) -> str:
+        """Return the OpenAI ``base_url`` of the running server."""
+        if self._base_url is None:
+            raise RuntimeError("the server process is not running")
+        return self._base_url
+
+    @property
+    def pid(self) -> int:
+        """Return the child's process id."""
+        if self._process is None:
+            raise RuntimeError("the server process is not running")
+        return self._process.pid
+
+    @property
+    def control(self) -> RemoteControl:
+        """Return a :class:`RemoteControl` for the running server."""
+        if self._control is None:
+            self._control = RemoteControl(self.base_url)
+        return self._control
+
+    @property
+    def ledger(self) -> LedgerSnapshot:
+        """Return a snapshot of the server's ledger."""
+        return self.control.ledger
+
+    def start(self, timeout: float = 20.0) -> ServerProcess:
+        """Spawn the process and return once it accepts connections."""
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(_REPO_ROOT), os.environ.get("PYTHONPATH")])),
+        }
+        process = subprocess.Popen(self._argv, cwd=_REPO_ROOT, env=env, stdout=subprocess.PIPE, text=True)
+        self._process = process
+        assert process.stdout is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            readable, _, _ = select.select([process.stdout], [], [], max(0.0, deadline - time.monotonic()))
+            if not readable:
+                break
+            line = process.stdout.readline()
+            if not line:
+                break  # the child exited
+            if line.startswith(READY_PREFIX):
+                self._base_url = line[len(READY_PREFIX) :].strip()
+                return self
+        self.kill()
+        raise RuntimeError(f"the server process did not become ready (exit code {process.poll()})")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Ask the process to shut down (SIGTERM) and wait for it, killing it if it lingers."""
+        process = self._process
+        if process is None:
+            return
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self._cleanup()
+
+    def kill(self) -> None:
+        """Kill the process (SIGKILL) without letting it shut down."""
+        process = self._process
+        if process is None:
+            return
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        if self._process is not None and self._process.stdout is not None:
+            self._process.stdout.close()
+        if self._control is not None:
+            self._control.close()
+        self._process = None
+        self._control = None
+        self._base_url = None
+
+    def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+# --------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------
+
+
+def _optional_int(value: str) -> int | None:
+    return None if value.lower() in ("none", "off", "unlimited") else int(value)
+
+
+def _fault_rate(value: str) -> tuple[str, float]:
+    fault, _, probability = value.partition("=")
+    if not probability:
+        raise argparse.ArgumentTypeError(f"expected KIND=PROBABILITY, got {value!r}")
+    return fault, float(probability)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.openai_server",
+        description="OpenAI-compatible embeddings server with fault injection. Prints "
+        f"'{READY_PREFIX.strip()} <base_url>' once it accepts connections.",
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port (default)")
+    parser.add_argument("--config", type=json.loads, default={}, help="JSON object of ServerConfig fields")
+    # Config flags stay absent unless given (SUPPRESS), so '--tpm none' can override --config.
+    config = parser.add_argument_group("configuration (override --config)", argument_default=argparse.SUPPRESS)
+    config.add_argument("--rpm", type=_optional_int, help="requests per window, or 'none'")
+    config.add_argument("--tpm", type=_optional_int, help="tokens per window, or 'none'")
+    config.add_argument("--window", type=float, help="seconds for a bucket to refill completely")
+    config.add_argument("--default-dims", type=int, help="width of models OpenAI does not have")
+    config.add_argument("--dimensions-mode", choices=_DIMENSIONS_MODES, help="dimensions on other models")
+    config.add_argument("--latency", type=float, help="seconds added to each success")
+    config.add_argument("--latency-per-token", type=float, help="seconds added per input token")
+    config.add_argument("--stall-seconds", type=float, help="how long a stall fault holds a request")
+    config.add_argument("--retry-after-ms", type=int, help="retry-after-ms of injected 429s")
+    config.add_argument("--poison", action="append", help="substring that fails a request (repeatable)")
+    config.add_argument(
+        "--fault", dest="fault_rates", action="append", type=_fault_rate, help="KIND=PROBABILITY (repeatable)"
+    )
+    config.add_argument("--seed", type=int, help="seed of the fault generator")
+    config.add_argument("--quota-exhausted", action="store_true", help="answer 429 insufficient_quota")
+    config.add_argument("--should-retry", choices=("true", "false"), help="send x-should-retry on errors")
+    return parser
+
+
+def _config_from_args(args: argparse.Namespace) -> ServerConfig:
+    values: dict[str, Any] = {**args.config}
+    flags = {name: value for name, value in vars(args).items() if name not in ("host", "port", "config")}
+    if "fault_rates" in flags:
+        flags["fault_rates"] = dict(flags["fault_rates"])
+    if "should_retry" in flags:
+        flags["should_retry"] = flags["should_retry"] == "true"
+    return ServerConfig(**{**values, **flags})
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run the server in the foreground until SIGINT or SIGTERM."""
+    args = _parser().parse_args(argv)
+    control = ServerControl(_config_from_args(args))
+    cl100k_encoding()
+    sock = _bind(args.host, args.port)
+    app = _EmbeddingsApp(control)
+    port = sock.getsockname()[1]
+    server = _uvicorn_server(app, lambda: print(f"{READY_PREFIX}http://{args.host}:{port}/v1", flush=True))
+    # In the main thread uvicorn installs its own SIGINT/SIGTERM handlers for a graceful stop.
+    asyncio.run(server.serve(sockets=[sock]))
+
+
+if __name__ == "__main__":
+    main()
