@@ -1,0 +1,444 @@
+"""The ``embedpipe`` command line: ``run``, ``estimate``, ``dlq`` and ``cache``.
+
+A thin layer over :mod:`embedpipe.jobs`: options become keyword arguments, results
+become text and exit codes. Exit codes: 0 all embedded; 3 finished, with dead letters;
+4 stopped at (or refused by) the budget; 1 error; 2 usage (bad options, or an output
+built with another model). The API key comes from the environment (``OPENAI_API_KEY``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import click
+
+from embedpipe import __version__
+from embedpipe.errors import BudgetExceededError, ConfigurationError, EmbedPipeError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_DEAD_LETTERS, EXIT_BUDGET = 0, 1, 2, 3, 4
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"embedpipe: {message}", err=True)
+    sys.exit(code)
+
+
+def _handle_errors(fn: F) -> F:
+    """Map embedpipe's errors to messages and exit codes, once for every command."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from embedpipe.jobs import BudgetRefusedError
+
+        try:
+            return fn(*args, **kwargs)
+        except BudgetRefusedError as exc:
+            _print_estimate(exc.estimate)
+            _fail(f"refused: {exc}", EXIT_BUDGET)
+        except BudgetExceededError as exc:
+            _fail(str(exc), EXIT_BUDGET)
+        except ConfigurationError as exc:
+            _fail(str(exc), EXIT_USAGE)
+        except (EmbedPipeError, OSError) as exc:
+            _fail(str(exc) or type(exc).__name__, EXIT_ERROR)
+        except KeyboardInterrupt:
+            _fail("interrupted; the work done so far is saved: run the same command again to carry on", 130)
+
+    return wrapper  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------ shared options
+def _job_options(fn: F) -> F:
+    """The options ``run`` and ``estimate`` share."""
+    options = [
+        click.argument("source", type=click.Path()),
+        click.option("--model", "-m", required=True, help="Model spec: openai:text-embedding-3-small, local:..., "
+                     "fake:64."),
+        click.option("--state", type=click.Path(dir_okay=False), help="State file (default: OUT/_state.sqlite)."),
+        click.option("--cache", help="Cache URL: sqlite:///path.db, redis://host:6379/0, memory://, none "
+                     "(default: $EMBEDPIPE_CACHE or a SQLite file in the user cache folder)."),
+        click.option("--dimensions", type=click.IntRange(min=1), help="Output dimensions (Matryoshka models)."),
+        click.option("--rpm", type=click.IntRange(min=1), help="Requests per minute the account allows."),
+        click.option("--tpm", type=click.IntRange(min=1), help="Tokens per minute the account allows."),
+        click.option("--budget-usd", type=click.FloatRange(min=0), help="Refuse a run estimated above this, and "
+                     "stop cleanly before spending more."),
+        click.option("--base-url", help="An OpenAI-compatible server's URL."),
+        click.option("--id-field", default="id", show_default=True, help="The field holding each record's id."),
+        click.option("--text-field", default="text", show_default=True, help="The field holding the text."),
+        click.option("--format", "format_", type=click.Choice(["jsonl", "csv", "parquet", "dir"]),
+                     help="Source format (default: from the suffix; a folder of .txt/.md files)."),
+        click.option("--max-concurrency", type=click.IntRange(min=1), help="Requests in flight at once."),
+        click.option("--batch-size", type=click.IntRange(min=1), help="Inputs per request."),
+        click.option("--chunk-size", type=click.IntRange(min=1), default=2000, show_default=True,
+                     help="Records read, embedded and written together."),
+        click.option("--price-per-1m-tokens", type=click.FloatRange(min=0),
+                     help="USD per million tokens, for a model whose price embedpipe does not know."),
+        click.option("--rebuild", is_flag=True, help="Start over: re-embed everything into OUT (another model "
+                     "or dimensions)."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _job_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
+    args = dict(kw)
+    args["format"] = args.pop("format_")
+    return {k: v for k, v in args.items() if v is not None}
+
+
+# ------------------------------------------------------------------ printing
+def _usd(value: float | None) -> str:
+    return "unknown" if value is None else f"${value:,.6f}" if value < 1 else f"${value:,.2f}"
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m {seconds % 60:02d}s"
+    return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m"
+
+
+def _print_estimate(est: Any) -> None:
+    rows = [
+        ("records", f"{est.records:,}", "in the source"),
+        ("unchanged", f"{est.unchanged:,}", "already in the output"),
+        ("metadata", f"{est.metadata_only:,}", "metadata changed: updated without embedding"),
+        ("to embed", f"{est.to_embed:,}", "new or changed records"),
+        ("  cached", f"{est.cached:,}", "texts already in the cache: no API call"),
+        ("  to send", f"{est.to_send:,}", f"texts: {est.tokens:,} tokens in {est.requests:,} requests"),
+        ("empty", f"{est.invalid:,}", "texts that will go to the dead-letter queue"),
+        ("dead", f"{est.dead:,}", "dead letters left alone (embedpipe dlq retry)"),
+        ("deletions", f"{est.deletions:,}", "records gone from the source, to remove from the output"),
+        ("no API", f"{est.cached_share:.1%}", "of the records need no API call (done or cached)"),
+    ]
+    price = (f"at ${est.price_per_1m_tokens:g} per 1M tokens" if est.price_per_1m_tokens is not None
+             else "the price of this model is unknown: pass --price-per-1m-tokens")
+    rows.append(("cost", _usd(est.cost_usd), price))
+    if est.eta_seconds is not None:
+        limits = " and ".join(f"{name} {value:,}" for name, value in (("rpm", est.rpm), ("tpm", est.tpm)) if value)
+        rows.append(("ETA", _duration(est.eta_seconds), f"at least, at {limits}"))
+    else:
+        rows.append(("ETA", "unknown", "give --rpm/--tpm to estimate it"))
+    click.echo(f"estimate for {est.model}:")
+    for name, value, note in rows:
+        click.echo(f"  {name:<10} {value:>14}  {note}")
+
+
+def _print_result(result: Any, out: str) -> None:
+    verb = "stopped at the budget" if result.budget_exceeded else "finished"
+    click.echo(f"{verb} in {_duration(result.elapsed_s)}: {result.records:,} records; {result.written:,} written "
+               f"({result.embedded:,} texts embedded, {result.cached:,} from the cache), {result.unchanged:,} "
+               f"unchanged, {result.metadata_updated:,} metadata updates, {result.deleted:,} deleted")
+    click.echo(f"tokens {result.tokens:,}, cost {_usd(result.cost_usd)}, requests {result.requests:,}")
+    if result.dead_letters_total:
+        click.echo(f"{result.dead_letters_total:,} dead letter(s) ({result.dead_letters:,} new): "
+                   f"embedpipe dlq list --out {out}")
+    if result.budget_exceeded:
+        click.echo("the work done is saved: run the same command with a larger --budget-usd to carry on")
+
+
+class _Progress:
+    """A tqdm bar fed by the job's progress callback: rate and ETA, cache-hit share and cost so far."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.bar: Any = None
+
+    def __call__(self, p: Any) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=p.total, unit="rec", dynamic_ncols=True, file=sys.stderr, smoothing=0.1)
+        self.bar.update(p.records - self.bar.n)
+        hit = "-" if p.hit_share is None else f"{p.hit_share:.0%}"
+        self.bar.set_postfix_str(f"hit {hit}, {_usd(p.cost_usd)}, dead {p.dead}", refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ------------------------------------------------------------------ commands
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="embedpipe")
+def main() -> None:
+    """Embed corpora durably: resumable, incremental, within budget.
+
+    Exit codes: 0 all embedded; 3 finished with dead letters; 4 stopped at the budget;
+    1 error; 2 usage.
+    """
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+
+
+@main.command()
+@_job_options
+@click.option("--out", "-o", help="The run's output, to count what is already done (optional).")
+@_handle_errors
+def estimate(**kw: Any) -> None:
+    """Report tokens, cost, cached share, requests and ETA for a run; makes no API call."""
+    from embedpipe import jobs
+
+    args = _job_kwargs(kw)
+    source = args.pop("source")
+    _print_estimate(jobs.estimate(source, **args))
+
+
+@main.command()
+@_job_options
+@click.option("--out", "-o", required=True, help="Output: a folder (Parquet dataset) or a file ending in .jsonl.")
+@click.option("--max-retries", type=click.IntRange(min=0), help="Retries per request before a record is "
+              "dead-lettered.")
+@click.option("--no-estimate", is_flag=True, help="Skip reading the source once to estimate first (a budget is "
+              "then enforced only during the run).")
+@click.option("--progress/--no-progress", default=None, help="Show a progress bar (default: on a terminal).")
+@_handle_errors
+def run(no_estimate: bool, progress: bool | None, **kw: Any) -> None:
+    """Embed SOURCE into --out. Run it again to resume after a crash or to pick up changes.
+
+    SOURCE is a .jsonl, .csv or .parquet file, or a folder of .txt/.md files (id = the
+    relative path). Unchanged records are skipped, changed ones re-embedded, records gone
+    from the source removed from the output; failures go to the dead-letter queue.
+    """
+    from embedpipe import jobs
+
+    args = _job_kwargs(kw)
+    source = args.pop("source")
+    bar = _Progress(sys.stderr.isatty() if progress is None else progress)
+    try:
+        result = jobs.run(source, estimate_first=not no_estimate, on_estimate=_print_estimate, progress=bar,
+                          **args)
+    finally:
+        bar.close()
+    _print_result(result, args["out"])
+    sys.exit(result.exit_code)
+
+
+# ------------------------------------------------------------------ dlq
+def _target_options(fn: F) -> F:
+    fn = click.option("--state", type=click.Path(dir_okay=False), help="The run's state file (default: "
+                      "OUT/_state.sqlite).")(fn)
+    fn = click.option("--out", "-o", help="The run's --out, which locates its state.")(fn)
+    return fn
+
+
+@main.group()
+def dlq() -> None:
+    """The dead-letter queue: records that failed for good, kept with their text and metadata."""
+
+
+@dlq.command("list")
+@_target_options
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per letter, with text and metadata.")
+@_handle_errors
+def dlq_list(out: str | None, state: str | None, as_json: bool) -> None:
+    """Show dead letters: record id, reason, attempts, time."""
+    from embedpipe import jobs
+
+    letters = jobs.dead_letters(out, state=state)
+    if as_json:
+        for d in letters:
+            click.echo(json.dumps({"id": d.id, "reason": d.reason, "attempts": d.attempts, "time": d.time,
+                                   "text": d.text, "metadata": dict(d.metadata)}, ensure_ascii=False))
+        return
+    if not letters:
+        click.echo("no dead letters")
+        return
+    width = min(40, max(len("id"), *(len(d.id) for d in letters)))
+    click.echo(f"{'id':<{width}}  attempts  {'time':<19}  reason")
+    for d in letters:
+        when = dt.datetime.fromtimestamp(d.time).strftime("%Y-%m-%d %H:%M:%S")
+        reason = d.reason if len(d.reason) <= 160 else d.reason[:157] + "..."
+        click.echo(f"{d.id:<{width}}  {d.attempts:>8}  {when}  {reason}")
+    click.echo(f"{len(letters):,} dead letter(s)")
+
+
+@dlq.command("retry")
+@_target_options
+@click.option("--id", "ids", multiple=True, help="Retry only this record id (repeatable).")
+@click.option("--model", "-m", help="Model spec (default: the run's).")
+@click.option("--dimensions", type=click.IntRange(min=1), help="Output dimensions (default: the run's).")
+@click.option("--cache", help="Cache URL (default: the pipeline's default cache).")
+@click.option("--base-url", help="An OpenAI-compatible server's URL (default: the run's).")
+@click.option("--rpm", type=click.IntRange(min=1))
+@click.option("--tpm", type=click.IntRange(min=1))
+@click.option("--budget-usd", type=click.FloatRange(min=0))
+@click.option("--max-concurrency", type=click.IntRange(min=1))
+@_handle_errors
+def dlq_retry(out: str | None, state: str | None, ids: tuple[str, ...], **kw: Any) -> None:
+    """Embed dead letters again; successes go into the output and leave the queue."""
+    from embedpipe import jobs
+
+    result = jobs.retry_dead_letters(out, state=state, ids=list(ids) or None,
+                                     **{k: v for k, v in kw.items() if v is not None})
+    click.echo(f"{result.recovered:,} recovered, {result.failed:,} failed again, {result.remaining:,} left in the "
+               f"queue; tokens {result.tokens:,}, cost {_usd(result.cost_usd)}")
+    sys.exit(result.exit_code)
+
+
+@dlq.command("purge")
+@_target_options
+@click.option("--id", "ids", multiple=True, help="Drop only this record id (repeatable).")
+@_handle_errors
+def dlq_purge(out: str | None, state: str | None, ids: tuple[str, ...]) -> None:
+    """Drop dead letters (all, or --id). A later run tries them again if they are still in the source."""
+    from embedpipe import jobs
+
+    n = jobs.purge_dead_letters(out, state=state, ids=list(ids) or None)
+    click.echo(f"{n:,} dead letter(s) dropped")
+
+
+# ------------------------------------------------------------------ cache
+def _cache_url(url: str | None, **options: Any) -> str:
+    from embedpipe.cache import default_cache_url
+
+    url = url or default_cache_url()
+    extra = {k: str(v) for k, v in options.items() if v is not None}
+    if not extra:
+        return url
+    # Appended, not rebuilt: urlunsplit would turn sqlite:////abs.db into sqlite://abs.db.
+    base, _, query = url.partition("?")
+    return f"{base}?{urlencode({**dict(parse_qsl(query)), **extra})}"
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "unknown"
+    value = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1000:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{value:.1f} TB"
+
+
+_cache_option = click.option("--cache", help="Cache URL (default: $EMBEDPIPE_CACHE or the user cache folder's "
+                             "SQLite file).")
+
+
+@main.group()
+def cache() -> None:
+    """The vector cache: stats, prune, export and import."""
+
+
+@cache.command("stats")
+@_cache_option
+@_target_options
+@_handle_errors
+def cache_stats(cache: str | None, out: str | None, state: str | None) -> None:
+    """Show the cache's size, entries and hit rate (the hit rate of a job's runs, with --out or --state)."""
+    from embedpipe.cache import SQLiteCache, cache_from_url
+
+    url = _cache_url(cache)
+    backend = cache_from_url(url)
+    try:
+        st = backend.stats()
+        click.echo(f"cache     {_safe(url)} ({st.backend})")
+        click.echo(f"entries   {'unknown' if st.entries is None else f'{st.entries:,}'}")
+        size = _size(st.bytes)
+        if isinstance(backend, SQLiteCache):
+            size += f" in entries, {_size(backend.file_size())} on disk"
+        elif st.backend == "redis":
+            size += " used by the whole Redis server"
+        click.echo(f"size      {size}")
+    finally:
+        backend.close()
+    if out is None and state is None:
+        click.echo("hit rate  pass --out (or --state) to see a job's hit rate")
+        return
+    from embedpipe.jobs.dlq import open_state
+
+    job_state, _ = open_state(out, state)
+    with job_state:
+        runs = [r for r in job_state.runs() if r.cached + r.embedded]
+    if not runs:
+        click.echo("hit rate  no run has embedded anything yet")
+        return
+    last = runs[-1]
+    hits, total = sum(r.cached for r in runs), sum(r.cached + r.embedded for r in runs)
+    click.echo(f"hit rate  {last.cached / (last.cached + last.embedded):.1%} in the last run "
+               f"({last.cached:,} of {last.cached + last.embedded:,} texts), {hits / total:.1%} over "
+               f"{len(runs)} run(s)")
+
+
+def _safe(url: str) -> str:
+    # Never print a password from a Redis URL.
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+@cache.command("prune")
+@_cache_option
+@click.option("--ttl", help="Remove entries older than this (7d, 12h, 30m...).")
+@click.option("--max-bytes", help="Evict the least recently used entries down to this size (2GB, 500MB...).")
+@_handle_errors
+def cache_prune(cache: str | None, ttl: str | None, max_bytes: str | None) -> None:
+    """Apply the cache's TTL and maximum size now."""
+    from embedpipe.cache import cache_from_url
+
+    backend = cache_from_url(_cache_url(cache, ttl=ttl, max_bytes=max_bytes))
+    try:
+        removed = backend.prune()
+        entries = backend.stats().entries
+    finally:
+        backend.close()
+    click.echo(f"{removed:,} entries removed; {'unknown' if entries is None else f'{entries:,}'} left")
+
+
+@cache.command("export")
+@click.argument("path", type=click.Path(dir_okay=False))
+@_cache_option
+@_handle_errors
+def cache_export(path: str, cache: str | None) -> None:
+    """Write the cache's vectors to a Parquet file (key, vector, tokens)."""
+    from embedpipe.cache import cache_from_url
+    from embedpipe.jobs import export_cache
+
+    backend = cache_from_url(_cache_url(cache))
+    try:
+        written, skipped = export_cache(backend, path)
+    finally:
+        backend.close()
+    click.echo(f"{written:,} vectors exported to {path}" + (f" ({skipped:,} other entries skipped)" if skipped
+                                                             else ""))
+
+
+@cache.command("import")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@_cache_option
+@click.option("--model", "-m", help="The model of a file of text and vector columns (to derive the cache keys).")
+@click.option("--dimensions", type=click.IntRange(min=1), help="Their dimensions, if not the model's native ones.")
+@click.option("--base-url", help="The OpenAI-compatible server they came from, if not OpenAI's.")
+@_handle_errors
+def cache_import(path: str, cache: str | None, model: str | None, dimensions: int | None,
+                 base_url: str | None) -> None:
+    """Warm the cache from a Parquet file: an export (key, vector), or text and vector columns with --model."""
+    from embedpipe.cache import cache_from_url
+    from embedpipe.jobs import import_cache
+
+    backend = cache_from_url(_cache_url(cache))
+    try:
+        n = import_cache(backend, path, model=model, dimensions=dimensions, base_url=base_url)
+    finally:
+        backend.close()
+    click.echo(f"{n:,} vectors imported")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""Durable embedding jobs: stream a corpus into a vector output, resumable and incremental.
+
+>>> from embedpipe import jobs
+>>> result = jobs.run("docs.jsonl", model="openai:text-embedding-3-small", out="vectors/")  # doctest: +SKIP
+>>> result.exit_code                                                                        # doctest: +SKIP
+0
+
+Run the same call again after a crash and it carries on; run it after the source changed
+and it embeds only what changed, removes what left, and updates metadata in place.
+:func:`estimate` says what a run will cost without calling the API; :func:`dead_letters`,
+:func:`retry_dead_letters` and :func:`purge_dead_letters` manage records that failed for
+good. The ``embedpipe`` command line is a thin layer over these functions.
+"""
+
+from __future__ import annotations
+
+from embedpipe.jobs.cache_transfer import export_cache, import_cache
+from embedpipe.jobs.dlq import RetryResult, dead_letters, purge_dead_letters, retry_dead_letters
+from embedpipe.jobs.errors import (
+    BudgetRefusedError,
+    JobAbortedError,
+    JobConflictError,
+    JobLockedError,
+    SinkVerificationError,
+    SourceError,
+)
+from embedpipe.jobs.records import Record
+from embedpipe.jobs.runner import DEFAULT_CHUNK_SIZE, JobEstimate, JobProgress, JobResult, estimate, run
+from embedpipe.jobs.sinks import JSONLSink, ParquetSink, Sink, sink_from
+from embedpipe.jobs.sources import (
+    CSVSource,
+    DirectorySource,
+    IterableSource,
+    JSONLSource,
+    ParquetSource,
+    Source,
+    source_from,
+)
+from embedpipe.jobs.stores import LangChainSink, LlamaIndexSink
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "BudgetRefusedError",
+    "CSVSource",
+    "DirectorySource",
+    "IterableSource",
+    "JSONLSink",
+    "JSONLSource",
+    "JobAbortedError",
+    "JobConflictError",
+    "JobEstimate",
+    "JobLockedError",
+    "JobProgress",
+    "JobResult",
+    "LangChainSink",
+    "LlamaIndexSink",
+    "ParquetSink",
+    "ParquetSource",
+    "Record",
+    "RetryResult",
+    "Sink",
+    "SinkVerificationError",
+    "Source",
+    "SourceError",
+    "dead_letters",
+    "estimate",
+    "export_cache",
+    "import_cache",
+    "purge_dead_letters",
+    "retry_dead_letters",
+    "run",
+    "sink_from",
+    "source_from",
+]

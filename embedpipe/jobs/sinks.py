@@ -1,0 +1,444 @@
+"""Sinks: where a job's vectors go. A Parquet dataset folder (the default) or a JSONL file.
+
+Both write idempotently by id: every write is a new, complete file (or lines past the
+last committed byte), and the job's state says where each id's live row is. Rows the
+state does not point to (an older version, a deleted record, a write whose commit a
+crash cut off) are dropped when the sink compacts at the end of a run.
+
+Columns: ``id`` (string), ``vector`` (fixed-size list of float32), ``content_hash``
+(SHA-256 of the text, hex), ``model`` (the spec), ``dimensions`` (int32) and ``metadata``
+(JSON; an object in JSONL).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from embedpipe.jobs.records import Entry
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from embedpipe.cache import CacheBackend
+    from embedpipe.jobs.state import JobState
+    from embedpipe.pipeline import EmbeddingPipeline
+
+log = logging.getLogger("embedpipe.jobs")
+
+STATE_NAME = "_state.sqlite"
+
+
+@dataclass
+class Receipt:
+    """What a write did: the loc of each row, and values the state must commit with them."""
+
+    locs: Sequence[Any]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class Sink:
+    """Base class of sinks. Override ``write``; ``open``, ``delete``, ``compact`` and ``reset`` where needed.
+
+    ``write`` must be durable when it returns: the job commits its state right after.
+    """
+
+    #: True when metadata-only changes are applied by :meth:`compact` (no vectors needed);
+    #: False sends such records through :meth:`write` again (their vectors come from the cache)
+    updates_metadata: bool = True
+    #: how many ids :meth:`verify` reads back after a run (0: the sink needs no check)
+    verify_sample: int = 0
+
+    def default_state_path(self) -> Path | None:
+        """Where this sink's state lives when none is given (``None``: the caller must say)."""
+        return None
+
+    def describe(self) -> str:
+        """A string that names this output, kept in the state so ``dlq retry`` can find it."""
+        return repr(self)
+
+    def preferred_cache(self) -> CacheBackend | None:
+        """The cache the job should use when none is given (a store whose embeddings have their own)."""
+        return None
+
+    def bind(self, pipeline: EmbeddingPipeline) -> None:
+        """Check that this sink can take the job's vectors, before anything is written."""
+
+    def open(self, state: JobState) -> None:
+        """Prepare to write; recover from a crash of an earlier run."""
+
+    def write(self, entries: Sequence[Entry], vectors: np.ndarray, model: str) -> Receipt:
+        """Write one row per entry (``vectors[i]`` for ``entries[i]``); upsert by id."""
+        raise NotImplementedError
+
+    def delete(self, ids: Sequence[str]) -> None:
+        """Remove ``ids`` now (sinks that compact drop them there instead)."""
+
+    def compact(self, state: JobState) -> None:
+        """Drop rows the state no longer points to and apply queued metadata."""
+
+    def reset(self) -> None:
+        """Remove everything written (``--rebuild``)."""
+
+    def verify(self, sample: Sequence[tuple[Entry, np.ndarray]]) -> None:
+        """Read back a sample of what was written and raise if it differs."""
+
+    def close(self) -> None:
+        """Release what the sink holds."""
+
+
+# ------------------------------------------------------------------ Parquet
+def _fsync_dir(path: Path) -> None:
+    # A rename is durable only once its folder is: without this a power cut could lose a part
+    # that the state already points to. Windows cannot open a folder, and needs no such step.
+    if os.name == "nt":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _schema(dims: int) -> pa.Schema:
+    import pyarrow as pa
+
+    return pa.schema([("id", pa.string()), ("vector", pa.list_(pa.float32(), dims)),
+                      ("content_hash", pa.string()), ("model", pa.string()), ("dimensions", pa.int32()),
+                      ("metadata", pa.string())])
+
+
+def vectors_table(entries: Sequence[Entry], vectors: np.ndarray, model: str) -> pa.Table:
+    """The output rows of ``entries`` as an Arrow table."""
+    import pyarrow as pa
+
+    n, dims = vectors.shape
+    flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1), type=pa.float32())
+    return pa.Table.from_arrays([
+        pa.array([e.record.id for e in entries], pa.string()),
+        pa.FixedSizeListArray.from_arrays(flat, dims),
+        pa.array([e.content_hash.hex() for e in entries], pa.string()),
+        pa.array([model] * n, pa.string()),
+        pa.array(np.full(n, dims, dtype=np.int32), pa.int32()),
+        pa.array([e.metadata_json for e in entries], pa.string()),
+    ], schema=_schema(dims))
+
+
+class ParquetSink(Sink):
+    """A folder of Parquet part files that ``pyarrow.parquet.read_table(path)``, pandas and DuckDB read as one table.
+
+    Parts are written under a temporary ``_tmp-`` name and renamed when complete, so a
+    killed process never leaves a half-written part where readers look. The state and
+    lock (``_state.sqlite*``) start with ``_``, which readers skip. Compaction rewrites only
+    the parts that hold dropped rows or queued metadata, one part at a time, and merges
+    parts of fewer than ``small_rows`` rows into parts of up to ``part_rows``, so daily
+    updates do not pile up tiny files.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, part_rows: int = 5000, small_rows: int = 500) -> None:
+        self.path = Path(path)
+        self.part_rows = part_rows
+        self.small_rows = small_rows
+        self._prefix = ""
+        self._seq = 0
+
+    def default_state_path(self) -> Path:
+        return self.path / STATE_NAME
+
+    def describe(self) -> str:
+        return f"parquet:{self.path.resolve()}"
+
+    def parts(self) -> list[Path]:
+        """The complete part files, in name order."""
+        if not self.path.is_dir():
+            return []
+        return sorted(p for p in self.path.iterdir() if p.name.startswith("part-") and p.suffix == ".parquet")
+
+    def _new_name(self) -> str:
+        if not self._prefix:
+            # Time first, so parts list in the order they were written; a random tail so two
+            # runs (or a resumed one) can never pick the same name.
+            self._prefix = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        self._seq += 1
+        return f"part-{self._prefix}-{self._seq:05d}.parquet"
+
+    def open(self, state: JobState) -> None:
+        if self.path.exists() and not self.path.is_dir():
+            raise NotADirectoryError(f"--out {self.path} is a file; a Parquet output is a folder "
+                                     "(name it *.jsonl for a JSONL file)")
+        self.path.mkdir(parents=True, exist_ok=True)
+        for tmp in self.path.glob("_tmp-*"):
+            tmp.unlink(missing_ok=True)  # a write a crash cut short
+        present = {p.name for p in self.parts()}
+        missing = [loc for loc in state.locs() if loc not in present]
+        if missing:
+            n = state.forget_locs(missing)
+            log.warning("embedpipe: %d part file(s) of %s are gone; their %d record(s) will be embedded again",
+                        len(missing), self.path, n)
+
+    @contextlib.contextmanager
+    def _atomic(self, name: str) -> Iterator[Path]:
+        """A temporary path to write; on success it is fsynced and renamed to ``name``."""
+        # Neither readers of the folder (they skip "_") nor a "*.parquet" glob (DuckDB) see it.
+        tmp = self.path / f"_tmp-{uuid.uuid4().hex}.part"
+        try:
+            yield tmp
+            _fsync_file(tmp)
+            os.replace(tmp, self.path / name)
+            _fsync_dir(self.path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _write_atomic(self, table: pa.Table, name: str) -> None:
+        import pyarrow.parquet as pq
+
+        with self._atomic(name) as tmp:
+            pq.write_table(table, tmp)
+
+    def write(self, entries: Sequence[Entry], vectors: np.ndarray, model: str) -> Receipt:
+        name = self._new_name()
+        self._write_atomic(vectors_table(entries, vectors, model), name)
+        return Receipt([name] * len(entries))
+
+    def compact(self, state: JobState) -> None:
+        import pyarrow.parquet as pq
+
+        counts = state.loc_counts()
+        relabel = state.pending_metadata_locs()
+        small: list[tuple[Path, int]] = []
+        for part in self.parts():
+            live = counts.get(part.name, 0)
+            if live == 0:
+                part.unlink()
+                continue
+            rows = pq.read_metadata(part).num_rows
+            if live != rows or part.name in relabel:
+                self._rewrite(part, state)
+            if live < self.small_rows:
+                small.append((part, live))
+        self._merge(small, state)
+        state.clear_pending_metadata()
+        dims = state.get("dimensions")
+        if not self.parts() and dims:
+            # An empty output still has its columns, so readers get the schema, not an empty frame.
+            self._write_atomic(_schema(int(dims)).empty_table(), "part-empty.parquet")
+        _fsync_dir(self.path)
+
+    def _rewrite(self, part: Path, state: JobState) -> None:
+        """Keep the rows of ``part`` the state points to, with their queued metadata; replace it atomically."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(part)
+        live = state.ids_at(part.name)
+        ids = table.column("id").to_pylist()
+        table = table.filter(pa.array([i in live for i in ids]))
+        kept = table.column("id").to_pylist()
+        updates = state.pending_metadata(kept)
+        if updates:
+            old = table.column("metadata").to_pylist()
+            new = [updates.get(i, m) for i, m in zip(kept, old, strict=True)]
+            table = table.set_column(table.schema.get_field_index("metadata"), "metadata", pa.array(new, pa.string()))
+        self._write_atomic(table, part.name)
+
+    def _merge(self, small: list[tuple[Path, int]], state: JobState) -> None:
+        """Merge small parts into parts of up to ``part_rows`` rows, one source part in memory at a time."""
+        import pyarrow.parquet as pq
+
+        groups: list[list[Path]] = [[]]
+        total = 0
+        for part, rows in small:
+            if total + rows > self.part_rows and groups[-1]:
+                groups.append([])
+                total = 0
+            groups[-1].append(part)
+            total += rows
+        for group in groups:
+            if len(group) < 2:
+                continue
+            name = self._new_name()
+            moves: list[tuple[Any, str]] = []
+            with self._atomic(name) as tmp:
+                writer: pq.ParquetWriter | None = None
+                try:
+                    for p in group:
+                        table = pq.read_table(p)
+                        writer = writer or pq.ParquetWriter(tmp, table.schema)
+                        writer.write_table(table)
+                        moves += [(name, i) for i in table.column("id").to_pylist()]
+                finally:
+                    if writer is not None:
+                        writer.close()
+            # The state moves to the merged part before the small ones go: a crash in between
+            # leaves rows the state no longer points to, which the next compaction drops.
+            with state.transaction() as db:
+                state.move(db, moves)
+            for p in group:
+                p.unlink()
+
+    def reset(self) -> None:
+        for part in self.parts():
+            part.unlink()
+
+    def __repr__(self) -> str:
+        return f"ParquetSink({str(self.path)!r})"
+
+
+# ------------------------------------------------------------------ JSONL
+class JSONLSink(Sink):
+    """One JSON object per line in one file; its state is ``<file>.state.sqlite`` beside it.
+
+    Lines are appended and fsynced before the state commits their byte count; on open,
+    anything past the committed size (a line a crash cut in half) is cut off. Compaction
+    streams the file into a new one and swaps it in, recording the swap in the state so
+    a crash at any point either finishes it or leaves the old file whole.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._bytes = 0
+        self._lines = 0
+
+    def default_state_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".state.sqlite")
+
+    def describe(self) -> str:
+        return f"jsonl:{self.path.resolve()}"
+
+    def _tmp(self) -> Path:
+        return self.path.with_name(f".{self.path.name}.compact.tmp")
+
+    def open(self, state: JobState) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        swap = state.get("jsonl_swap")
+        if swap is not None:
+            if Path(swap).exists():
+                os.replace(swap, self.path)
+            with state.transaction() as db:
+                state.set_meta(db, jsonl_swap=None)
+        self._tmp().unlink(missing_ok=True)
+        self._bytes = int(state.get("jsonl_bytes") or 0)
+        self._lines = int(state.get("jsonl_lines") or 0)
+        size = self.path.stat().st_size if self.path.exists() else 0
+        if size < self._bytes:
+            n = state.forget_written()
+            log.warning("embedpipe: %s is shorter than its state says (%d < %d bytes); its %d record(s) will be "
+                        "written again", self.path, size, self._bytes, n)
+            self._bytes = self._lines = 0
+            with state.transaction() as db:
+                state.set_meta(db, jsonl_bytes=0, jsonl_lines=0)
+        with open(self.path, "ab") as f:
+            f.truncate(self._bytes)
+
+    def write(self, entries: Sequence[Entry], vectors: np.ndarray, model: str) -> Receipt:
+        dims = int(vectors.shape[1])
+        rows = vectors.tolist()
+        data = "".join(
+            json.dumps({"id": e.record.id, "vector": v, "content_hash": e.content_hash.hex(), "model": model,
+                        "dimensions": dims, "metadata": e.record.metadata},
+                       ensure_ascii=False, separators=(",", ":"), default=str) + "\n"
+            for e, v in zip(entries, rows, strict=True)).encode("utf-8")
+        with open(self.path, "ab") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        first = self._lines
+        self._lines += len(entries)
+        self._bytes += len(data)
+        return Receipt(range(first, self._lines), {"jsonl_bytes": self._bytes, "jsonl_lines": self._lines})
+
+    def compact(self, state: JobState) -> None:
+        if not self.path.exists():
+            return
+        live = state.count("done")
+        if live == self._lines and not state.pending_metadata_locs():
+            return
+        tmp = self._tmp()
+        kept = 0
+        size = 0
+        with state.transaction() as db:
+            with open(self.path, "rb") as src, open(tmp, "wb") as dst:
+                line_no = 0
+                while True:
+                    block = [line for _, line in zip(range(5000), src, strict=False)]
+                    if not block:
+                        break
+                    at = state.ids_in_range(line_no, line_no + len(block))
+                    moves: list[tuple[Any, str]] = []
+                    rows: list[tuple[int, dict[str, Any]]] = []
+                    for k, line in enumerate(block, line_no):
+                        obj = json.loads(line)
+                        if at.get(k) == obj["id"]:
+                            rows.append((k, obj))
+                    updates = state.pending_metadata([obj["id"] for _, obj in rows])
+                    for k, obj in rows:
+                        line = block[k - line_no]
+                        if obj["id"] in updates:
+                            obj["metadata"] = json.loads(updates[obj["id"]])
+                            line = (json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+                        dst.write(line)
+                        size += len(line)
+                        moves.append((kept, obj["id"]))
+                        kept += 1
+                    state.move(db, moves)
+                    line_no += len(block)
+                dst.flush()
+                os.fsync(dst.fileno())
+            db.execute("DELETE FROM pending_metadata")
+            state.set_meta(db, jsonl_swap=str(tmp), jsonl_bytes=size, jsonl_lines=kept)
+        os.replace(tmp, self.path)
+        with contextlib.suppress(OSError):
+            _fsync_dir(self.path.parent)
+        with state.transaction() as db:
+            state.set_meta(db, jsonl_swap=None)
+        self._bytes, self._lines = size, kept
+
+    def reset(self) -> None:
+        self.path.unlink(missing_ok=True)
+        self._bytes = self._lines = 0
+
+    def __repr__(self) -> str:
+        return f"JSONLSink({str(self.path)!r})"
+
+
+def sink_from(out: str | os.PathLike[str] | Sink | Any) -> Sink:
+    """The sink ``out`` names: a path ending in ``.jsonl`` (JSONL), any other path (a Parquet folder),
+    a :class:`Sink`, or a LlamaIndex or LangChain vector store."""
+    if isinstance(out, Sink):
+        return out
+    if isinstance(out, (str, os.PathLike)):
+        path = Path(out)
+        if path.suffix.lower() in (".jsonl", ".ndjson"):
+            return JSONLSink(path)
+        return ParquetSink(path)
+    from embedpipe.jobs.stores import store_sink
+
+    return store_sink(out)
+
+
+def sink_from_description(text: str) -> Sink | None:
+    """The file sink a state's ``sink`` meta names (``parquet:/path`` or ``jsonl:/path``), else ``None``."""
+    kind, _, path = text.partition(":")
+    if kind == "parquet":
+        return ParquetSink(path)
+    if kind == "jsonl":
+        return JSONLSink(path)
+    return None
+
+
+__all__ = ["JSONLSink", "ParquetSink", "Receipt", "Sink", "sink_from", "vectors_table"]

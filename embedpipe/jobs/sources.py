@@ -1,0 +1,213 @@
+"""Sources: stream records from JSONL, CSV, Parquet, a folder of text files, or Python objects.
+
+Every source yields :class:`~embedpipe.jobs.records.Record` objects one at a time and
+holds at most one batch of rows in memory, so a job's memory does not grow with the corpus.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import os
+import sys
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import IO, Any
+
+from embedpipe.jobs.errors import SourceError
+from embedpipe.jobs.records import Record
+
+#: suffixes of the text files a folder source reads
+TEXT_SUFFIXES = (".txt", ".md")
+_ROWS_PER_BATCH = 2048  # Parquet rows decoded at once
+
+
+class Source:
+    """Base class of sources. Override :meth:`__iter__`; :meth:`count` if the size is cheap to learn."""
+
+    #: what the source reads, for messages
+    name: str = "records"
+
+    def __iter__(self) -> Iterator[Record]:
+        raise NotImplementedError
+
+    def count(self) -> int | None:
+        """How many records the source holds, when that is cheap to learn; else ``None``."""
+        return None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
+
+
+class _FieldSource(Source):
+    """A source of rows with named fields: ``id_field``, ``text_field``, every other field is metadata."""
+
+    def __init__(self, path: str | os.PathLike[str], *, id_field: str = "id", text_field: str = "text") -> None:
+        self.path = Path(path)
+        self.name = str(path)
+        self.id_field = id_field
+        self.text_field = text_field
+
+    def record(self, row: Mapping[str, Any], where: str) -> Record:
+        """The record a row holds. A missing id is an error (resume needs stable ids); a missing text is ``""``."""
+        rid = row.get(self.id_field)
+        if rid is None or rid == "":
+            fields = ", ".join(sorted(map(str, row))[:10])
+            raise SourceError(f"{where}: no {self.id_field!r} field (fields: {fields}); choose one with --id-field")
+        text = row.get(self.text_field)
+        metadata = {k: v for k, v in row.items() if k != self.id_field and k != self.text_field}
+        return Record(str(rid), "" if text is None else text if isinstance(text, str) else str(text), metadata)
+
+    def _open_text(self) -> IO[str]:
+        if not self.path.exists():
+            raise SourceError(f"source {self.path} does not exist")
+        if self.path.suffix == ".gz":
+            return io.TextIOWrapper(gzip.open(self.path, "rb"), encoding="utf-8", newline="")
+        return open(self.path, encoding="utf-8", newline="")
+
+
+class JSONLSource(_FieldSource):
+    """One JSON object per line (``.jsonl``, ``.ndjson``, optionally ``.gz``)."""
+
+    def __iter__(self) -> Iterator[Record]:
+        with self._open_text() as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except ValueError as exc:
+                    raise SourceError(f"{self.path}:{n}: not valid JSON ({exc})") from None
+                if not isinstance(row, dict):
+                    raise SourceError(f"{self.path}:{n}: expected a JSON object, got {type(row).__name__}")
+                yield self.record(row, f"{self.path}:{n}")
+
+    def count(self) -> int | None:
+        if self.path.suffix == ".gz" or not self.path.exists():
+            return None
+        with open(self.path, "rb") as f:
+            return sum(1 for line in f if line.strip())
+
+
+class CSVSource(_FieldSource):
+    """A CSV file with a header row (optionally ``.gz``); every column other than id and text is metadata."""
+
+    def __iter__(self) -> Iterator[Record]:
+        # Documents are long: lift the csv module's 128 KiB field limit.
+        csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+        with self._open_text() as f:
+            reader = csv.DictReader(f)
+            for row in reader:
+                yield self.record(row, f"{self.path}:{reader.line_num}")
+
+
+class ParquetSource(_FieldSource):
+    """A Parquet file or dataset folder, read a batch of rows at a time."""
+
+    def _dataset(self) -> Any:
+        import pyarrow.dataset as ds
+
+        if not self.path.exists():
+            raise SourceError(f"source {self.path} does not exist")
+        return ds.dataset(self.path, format="parquet")
+
+    def __iter__(self) -> Iterator[Record]:
+        dataset = self._dataset()
+        names = set(dataset.schema.names)
+        if self.id_field not in names:
+            raise SourceError(f"{self.path}: no {self.id_field!r} column (columns: {sorted(names)}); "
+                              "choose one with --id-field")
+        n = 0
+        for batch in dataset.to_batches(batch_size=_ROWS_PER_BATCH):
+            for row in batch.to_pylist():
+                n += 1
+                yield self.record(row, f"{self.path} row {n}")
+
+    def count(self) -> int | None:
+        return int(self._dataset().count_rows())
+
+
+class DirectorySource(Source):
+    """Every ``.txt`` and ``.md`` file under a folder, in a stable order; the id is the relative path."""
+
+    def __init__(self, path: str | os.PathLike[str], *, suffixes: tuple[str, ...] = TEXT_SUFFIXES) -> None:
+        self.path = Path(path)
+        self.name = str(path)
+        self.suffixes = suffixes
+
+    def _files(self) -> Iterator[Path]:
+        if not self.path.is_dir():
+            raise SourceError(f"source {self.path} is not a folder")
+        for root, dirs, files in os.walk(self.path):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for name in sorted(files):
+                if name.endswith(self.suffixes) and not name.startswith("."):
+                    yield Path(root) / name
+
+    def __iter__(self) -> Iterator[Record]:
+        for file in self._files():
+            text = file.read_text(encoding="utf-8", errors="replace")
+            yield Record(file.relative_to(self.path).as_posix(), text, {})
+
+    def count(self) -> int | None:
+        return sum(1 for _ in self._files())
+
+
+class IterableSource(Source):
+    """Records from Python: :class:`Record` objects or mappings with id and text fields."""
+
+    name = "<iterable>"
+
+    def __init__(self, items: Iterable[Record | Mapping[str, Any]], *, id_field: str = "id",
+                 text_field: str = "text") -> None:
+        self.items = items
+        self._fields = _FieldSource(".", id_field=id_field, text_field=text_field)
+
+    def __iter__(self) -> Iterator[Record]:
+        for n, item in enumerate(self.items, 1):
+            yield item if isinstance(item, Record) else self._fields.record(item, f"item {n}")
+
+    def count(self) -> int | None:
+        return len(self.items) if isinstance(self.items, (list, tuple)) else None
+
+
+_FORMATS = {"jsonl": JSONLSource, "csv": CSVSource, "parquet": ParquetSource}
+
+
+def source_from(source: str | os.PathLike[str] | Source | Iterable[Record | Mapping[str, Any]], *,
+                id_field: str = "id", text_field: str = "text", format: str | None = None) -> Source:
+    """The source a path names, by ``format`` or else by suffix: ``.jsonl``/``.ndjson``, ``.csv``,
+    ``.parquet`` (each may end in ``.gz``, except Parquet), or a folder of text files."""
+    if isinstance(source, Source):
+        return source
+    if not isinstance(source, (str, os.PathLike)):
+        return IterableSource(source, id_field=id_field, text_field=text_field)
+    path = Path(source)
+    kind = format
+    if kind is None:
+        suffixes = [s.lower() for s in path.suffixes]
+        if suffixes and suffixes[-1] == ".gz":
+            suffixes.pop()
+        last = suffixes[-1] if suffixes else ""
+        kind = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv",
+                ".parquet": "parquet", ".pq": "parquet"}.get(last)
+        if kind is None:
+            if path.is_dir():
+                kind = "dir"
+            elif not path.exists():
+                raise SourceError(f"source {path} does not exist")
+            else:
+                raise SourceError(f"cannot tell the format of {path}; name it .jsonl, .csv or .parquet, "
+                                  "or pass --format")
+    if kind == "dir":
+        return DirectorySource(path)
+    cls = _FORMATS.get(kind)
+    if cls is None:
+        raise SourceError(f"unknown source format {kind!r}; use jsonl, csv, parquet or dir")
+    return cls(path, id_field=id_field, text_field=text_field)
+
+
+__all__ = ["CSVSource", "DirectorySource", "IterableSource", "JSONLSource", "ParquetSource", "Source",
+           "source_from"]

@@ -1,0 +1,423 @@
+"""A job's durable state: one SQLite file beside the output (``OUT/_state.sqlite``) or where you say.
+
+It holds, per record id, the content and metadata hashes last written, the status
+(``done`` or ``dead``), failed attempts, where the live output row is (``loc``) and the
+run generation that last read the record from the source (``seen``: records a finished
+run did not see are gone from the source). The dead-letter queue lives in the same file,
+in the table and shape :class:`embedpipe.deadletter.SQLiteDeadLetterStore` reads, and is
+written in the same transaction as the records it concerns. It stores records, never API
+keys: every reason passes through :func:`embedpipe.deadletter.redact` on the way in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from embedpipe.deadletter import DEAD_LETTER_COLUMNS, DEAD_LETTER_SCHEMA, DeadLetter, redact
+from embedpipe.jobs.errors import JobConflictError, JobLockedError
+from embedpipe.jobs.records import Entry
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS records (
+    id TEXT PRIMARY KEY,
+    content_hash BLOB NOT NULL,
+    meta_hash BLOB NOT NULL,
+    status TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    loc,
+    seen INTEGER NOT NULL,
+    updated REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS records_loc ON records(loc);
+CREATE INDEX IF NOT EXISTS records_seen ON records(seen);
+CREATE TABLE IF NOT EXISTS pending_metadata (id TEXT PRIMARY KEY, metadata TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS runs (
+    gen INTEGER PRIMARY KEY,
+    started REAL NOT NULL,
+    finished REAL,
+    status TEXT NOT NULL,
+    records INTEGER NOT NULL DEFAULT 0,
+    embedded INTEGER NOT NULL DEFAULT 0,
+    cached INTEGER NOT NULL DEFAULT 0,
+    tokens INTEGER NOT NULL DEFAULT 0,
+    cost_usd REAL,
+    dead INTEGER NOT NULL DEFAULT 0
+);
+""" + DEAD_LETTER_SCHEMA
+_SQL_VARS = 900  # below SQLite's historical 999 bound-parameter limit
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRecord:
+    """What the state knows of one record."""
+
+    content_hash: bytes
+    meta_hash: bytes
+    status: str
+    loc: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Written:
+    """A record whose row the sink has written, and where the row is."""
+
+    entry: Entry
+    loc: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """A record that failed for good, with its reason."""
+
+    entry: Entry
+    reason: str
+
+
+@dataclass(frozen=True)
+class RunStats:
+    """One run's line in the history."""
+
+    gen: int
+    started: float
+    finished: float | None
+    status: str
+    records: int
+    embedded: int
+    cached: int
+    tokens: int
+    cost_usd: float | None
+    dead: int
+
+
+def _chunks(items: Sequence[Any], size: int = _SQL_VARS) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+class JobState:
+    """The state file of one job. ``readonly=True`` never creates or writes it (for estimates and listings);
+    ``path=None`` is an empty state in memory."""
+
+    def __init__(self, path: str | os.PathLike[str] | None, *, readonly: bool = False,
+                 secrets: Iterable[str | None] = (), timeout: float = 30.0) -> None:
+        self.path = Path(path) if path is not None else Path(":memory:")
+        self.readonly = readonly
+        self.secrets = [s for s in secrets if s]
+        self._lock_file: IO[bytes] | None = None
+        if readonly or path is None:
+            if path is None or not self.path.exists():
+                # An absent state is an empty one: an in-memory database with the schema.
+                self._db = sqlite3.connect(":memory:", isolation_level=None)
+                self._db.executescript(_SCHEMA)
+                return
+            # A plain connection that this object never writes through: "mode=ro" cannot open a
+            # WAL database whose -shm file is gone.
+            self._db = sqlite3.connect(self.path, isolation_level=None, timeout=timeout)
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.path, isolation_level=None, timeout=timeout)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # NORMAL in WAL mode survives a killed process; a power cut can lose the last commits,
+            # which only makes a re-run redo (from the cache) what the sink already holds.
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+        self._db.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
+
+    # ------------------------------------------------------------------ lifecycle
+    def lock(self) -> None:
+        """Take the job's lock (``<state>.lock``) or raise :class:`JobLockedError`. The OS frees it if we die."""
+        if self._lock_file is not None:
+            return
+        lock_path = Path(f"{self.path}.lock")
+        f = open(lock_path, "a+b")  # noqa: SIM115  # held open for the lock's lifetime
+        try:
+            _try_lock(f)
+        except OSError:
+            f.close()
+            raise JobLockedError(f"another embedpipe job is running on {self.path} "
+                                 f"(lock {lock_path} is held); wait for it or stop it") from None
+        self._lock_file = f
+
+    def close(self) -> None:
+        """Close the database and release the lock. Idempotent."""
+        with contextlib.suppress(sqlite3.Error):
+            self._db.close()
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+
+    def __enter__(self) -> JobState:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction (``BEGIN IMMEDIATE``): all of it lands, or none."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    # ------------------------------------------------------------------ meta
+    def get(self, name: str) -> str | None:
+        """A value of the meta table."""
+        row = self._db.execute("SELECT value FROM meta WHERE name=?", (name,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, db: sqlite3.Connection, **values: Any) -> None:
+        """Set meta values inside a transaction (``None`` deletes)."""
+        for name, value in values.items():
+            if value is None:
+                db.execute("DELETE FROM meta WHERE name=?", (name,))
+            else:
+                db.execute("INSERT INTO meta(name, value) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET "
+                           "value=excluded.value", (name, str(value)))
+
+    def check_model(self, spec: str, dimensions: int | None) -> None:
+        """Refuse when the output holds vectors of another model or length (``dimensions=None``: not yet known)."""
+        old_spec, old_dims = self.get("model"), self.get("dimensions")
+        if old_spec is None or not self.count():
+            return
+        if old_spec != spec or (dimensions is not None and old_dims is not None and int(old_dims) != dimensions):
+            was = f"{old_spec}" + (f" at {old_dims} dimensions" if old_dims else "")
+            now = f"{spec}" + (f" at {dimensions} dimensions" if dimensions else "")
+            raise JobConflictError(
+                f"the output at {self.get('sink') or self.path.parent} holds vectors of {was}; this run asks for "
+                f"{now}. Mixing them would make the vectors incomparable: pass --rebuild (rebuild=True) to "
+                "re-embed everything, or choose another --out")
+
+    # ------------------------------------------------------------------ runs
+    def begin_run(self) -> int:
+        """Start a run; return its generation (one more than any before)."""
+        with self.transaction() as db:
+            row = db.execute("SELECT coalesce(max(gen), 0) FROM runs").fetchone()
+            gen = int(row[0]) + 1
+            db.execute("INSERT INTO runs(gen, started, status) VALUES (?, ?, 'running')", (gen, time.time()))
+        return gen
+
+    def end_run(self, gen: int, status: str, **counts: Any) -> None:
+        """Record how a run ended and what it did."""
+        sets = ", ".join(f"{k}=?" for k in counts)
+        with self.transaction() as db:
+            db.execute(f"UPDATE runs SET finished=?, status=?{', ' + sets if sets else ''} WHERE gen=?",
+                       (time.time(), status, *counts.values(), gen))
+
+    def runs(self) -> list[RunStats]:
+        """Every run, oldest first."""
+        rows = self._db.execute("SELECT gen, started, finished, status, records, embedded, cached, tokens, "
+                                "cost_usd, dead FROM runs ORDER BY gen").fetchall()
+        return [RunStats(*row) for row in rows]
+
+    # ------------------------------------------------------------------ records
+    def count(self, status: str | None = None) -> int:
+        """How many records the state holds (with ``status``, if given)."""
+        if status is None:
+            return int(self._db.execute("SELECT count(*) FROM records").fetchone()[0])
+        return int(self._db.execute("SELECT count(*) FROM records WHERE status=?", (status,)).fetchone()[0])
+
+    def lookup(self, ids: Sequence[str]) -> dict[str, StoredRecord]:
+        """What the state holds for ``ids`` (absent ids are left out)."""
+        found: dict[str, StoredRecord] = {}
+        for chunk in _chunks(ids):
+            rows = self._db.execute(
+                f"SELECT id, content_hash, meta_hash, status, loc FROM records WHERE id IN "
+                f"({','.join('?' * len(chunk))})", chunk)
+            for rid, chash, mhash, status, loc in rows:
+                found[rid] = StoredRecord(bytes(chash), bytes(mhash), status, loc)
+        return found
+
+    def mark_seen(self, ids: Sequence[str], gen: int) -> None:
+        """Note that run ``gen`` read ``ids`` from the source (absent ids are ignored)."""
+        with self.transaction() as db:
+            for chunk in _chunks(ids):
+                db.execute(f"UPDATE records SET seen=? WHERE id IN ({','.join('?' * len(chunk))})", (gen, *chunk))
+
+    def update_metadata(self, updates: Sequence[tuple[str, bytes, str]]) -> None:
+        """Queue new metadata ``(id, meta_hash, json)`` for rows whose text did not change.
+
+        The sink applies them when it compacts, without re-embedding.
+        """
+        if not updates:
+            return
+        with self.transaction() as db:
+            db.executemany("UPDATE records SET meta_hash=?, updated=? WHERE id=?",
+                           [(mhash, time.time(), rid) for rid, mhash, _ in updates])
+            db.executemany("INSERT INTO pending_metadata(id, metadata) VALUES (?, ?) ON CONFLICT(id) DO UPDATE "
+                           "SET metadata=excluded.metadata", [(rid, js) for rid, _, js in updates])
+
+    def commit(self, gen: int, written: Sequence[Written], failed: Sequence[Failed],
+               meta: dict[str, Any] | None = None) -> None:
+        """Record one chunk's outcome in one transaction: rows written, records dead-lettered, sink meta.
+
+        Call it only after the sink's write is durable: then a crash between the two only
+        leaves rows the state does not point to, which compaction drops.
+        """
+        now = time.time()
+        with self.transaction() as db:
+            if written:
+                db.executemany(
+                    "INSERT INTO records(id, content_hash, meta_hash, status, attempts, loc, seen, updated) "
+                    "VALUES (?, ?, ?, 'done', 0, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
+                    "content_hash=excluded.content_hash, meta_hash=excluded.meta_hash, status='done', attempts=0, "
+                    "loc=excluded.loc, seen=excluded.seen, updated=excluded.updated",
+                    [(w.entry.record.id, w.entry.content_hash, w.entry.meta_hash, w.loc, gen, now) for w in written])
+                ids = [w.entry.record.id for w in written]
+                for chunk in _chunks(ids):
+                    marks = ",".join("?" * len(chunk))
+                    db.execute(f"DELETE FROM dead_letters WHERE id IN ({marks})", chunk)
+                    db.execute(f"DELETE FROM pending_metadata WHERE id IN ({marks})", chunk)
+            if failed:
+                # A dead record has no live row: its old version (if any) leaves the output at compaction.
+                db.executemany(
+                    "INSERT INTO records(id, content_hash, meta_hash, status, attempts, loc, seen, updated) "
+                    "VALUES (?, ?, ?, 'dead', 1, NULL, ?, ?) ON CONFLICT(id) DO UPDATE SET "
+                    "content_hash=excluded.content_hash, meta_hash=excluded.meta_hash, status='dead', "
+                    "attempts=records.attempts + 1, loc=NULL, seen=excluded.seen, updated=excluded.updated",
+                    [(f.entry.record.id, f.entry.content_hash, f.entry.meta_hash, gen, now) for f in failed])
+                db.executemany(
+                    f"INSERT INTO dead_letters({DEAD_LETTER_COLUMNS}) VALUES (?, NULL, ?, ?, NULL, ?, 1, ?) "
+                    "ON CONFLICT(id) DO UPDATE SET text=excluded.text, metadata=excluded.metadata, "
+                    "reason=excluded.reason, attempts=dead_letters.attempts + 1, time=excluded.time",
+                    [(f.entry.record.id, f.entry.record.text, f.entry.metadata_json,
+                      redact(f.reason, self.secrets), now) for f in failed])
+                for chunk in _chunks([f.entry.record.id for f in failed]):
+                    db.execute(f"DELETE FROM pending_metadata WHERE id IN ({','.join('?' * len(chunk))})", chunk)
+            if meta:
+                self.set_meta(db, **meta)
+
+    def gone(self, gen: int, limit: int = 1000) -> list[str]:
+        """Up to ``limit`` ids that run ``gen`` did not see in the source."""
+        rows = self._db.execute("SELECT id FROM records WHERE seen < ? LIMIT ?", (gen, limit)).fetchall()
+        return [r[0] for r in rows]
+
+    def forget(self, ids: Sequence[str]) -> None:
+        """Drop ``ids`` from the state and the dead-letter queue."""
+        with self.transaction() as db:
+            for chunk in _chunks(ids):
+                marks = ",".join("?" * len(chunk))
+                for table in ("records", "dead_letters", "pending_metadata"):
+                    db.execute(f"DELETE FROM {table} WHERE id IN ({marks})", chunk)
+
+    def forget_locs(self, locs: Sequence[Any]) -> int:
+        """Drop the records whose rows were at ``locs`` (a part that vanished): the next run redoes them."""
+        removed = 0
+        with self.transaction() as db:
+            for chunk in _chunks(locs):
+                marks = ",".join("?" * len(chunk))
+                db.execute(f"DELETE FROM pending_metadata WHERE id IN (SELECT id FROM records WHERE loc IN ({marks}))",
+                           chunk)
+                removed += db.execute(f"DELETE FROM records WHERE loc IN ({marks})", chunk).rowcount
+        return removed
+
+    def forget_written(self) -> int:
+        """Drop every record that has a row in the output (the output was lost): the next run redoes them."""
+        with self.transaction() as db:
+            db.execute("DELETE FROM pending_metadata")
+            return int(db.execute("DELETE FROM records WHERE loc IS NOT NULL").rowcount)
+
+    def reset(self) -> None:
+        """Forget every record, dead letter and the model (``--rebuild``); the run history stays."""
+        with self.transaction() as db:
+            for table in ("records", "dead_letters", "pending_metadata"):
+                db.execute(f"DELETE FROM {table}")
+            db.execute("DELETE FROM meta WHERE name NOT IN ('sink')")
+
+    # ------------------------------------------------------------------ where rows are (for sinks)
+    def locs(self) -> list[Any]:
+        """Every distinct loc that live rows are at."""
+        return [r[0] for r in self._db.execute("SELECT DISTINCT loc FROM records WHERE loc IS NOT NULL")]
+
+    def loc_counts(self) -> dict[Any, int]:
+        """Live rows per loc."""
+        return dict(self._db.execute("SELECT loc, count(*) FROM records WHERE loc IS NOT NULL GROUP BY loc"))
+
+    def ids_at(self, loc: Any) -> set[str]:
+        """The ids whose live row is at ``loc`` (one part: bounded by the part's size)."""
+        return {r[0] for r in self._db.execute("SELECT id FROM records WHERE loc=?", (loc,))}
+
+    def ids_in_range(self, start: int, stop: int) -> dict[int, str]:
+        """``loc -> id`` for integer locs in ``[start, stop)`` (JSONL line numbers)."""
+        rows = self._db.execute("SELECT loc, id FROM records WHERE loc >= ? AND loc < ?", (start, stop))
+        return {int(loc): rid for loc, rid in rows}
+
+    def pending_metadata_locs(self) -> set[Any]:
+        """The locs that hold rows with queued metadata updates."""
+        return {r[0] for r in self._db.execute(
+            "SELECT DISTINCT r.loc FROM pending_metadata p JOIN records r ON r.id = p.id WHERE r.loc IS NOT NULL")}
+
+    def pending_metadata(self, ids: Sequence[str]) -> dict[str, str]:
+        """Queued metadata JSON for those of ``ids`` that have some."""
+        out: dict[str, str] = {}
+        for chunk in _chunks(ids):
+            out.update(self._db.execute(
+                f"SELECT id, metadata FROM pending_metadata WHERE id IN ({','.join('?' * len(chunk))})", chunk))
+        return out
+
+    def clear_pending_metadata(self) -> None:
+        """Forget queued metadata (after compaction applied it)."""
+        with self.transaction() as db:
+            db.execute("DELETE FROM pending_metadata")
+
+    def move(self, db: sqlite3.Connection, moves: Sequence[tuple[Any, str]]) -> None:
+        """Inside a transaction: set the loc of each ``(new_loc, id)``."""
+        db.executemany("UPDATE records SET loc=? WHERE id=?", moves)
+
+    # ------------------------------------------------------------------ dead letters
+    def dead_letters(self, ids: Sequence[str] | None = None) -> list[DeadLetter]:
+        """The dead letters (all, or those among ``ids``), oldest first."""
+        if ids is None:
+            rows = self._db.execute(f"SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters ORDER BY time, id").fetchall()
+        else:
+            rows = []
+            for chunk in _chunks(list(ids)):
+                rows += self._db.execute(f"SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters WHERE id IN "
+                                         f"({','.join('?' * len(chunk))}) ORDER BY time, id", chunk).fetchall()
+        return [DeadLetter(id=r[0], ref_id=r[1], text=r[2], metadata=json.loads(r[3]), payload=r[4], reason=r[5],
+                           attempts=int(r[6]), time=float(r[7])) for r in rows]
+
+    def dead_letter_count(self) -> int:
+        """How many letters the queue holds."""
+        return int(self._db.execute("SELECT count(*) FROM dead_letters").fetchone()[0])
+
+    def purge(self, ids: Sequence[str] | None = None) -> int:
+        """Drop letters (all, or ``ids``) and their records: a later run tries them again if still in the source."""
+        with self.transaction() as db:
+            if ids is None:
+                n = db.execute("DELETE FROM dead_letters").rowcount
+                db.execute("DELETE FROM records WHERE status='dead'")
+                return int(n)
+            n = 0
+            for chunk in _chunks(list(ids)):
+                marks = ",".join("?" * len(chunk))
+                n += db.execute(f"DELETE FROM dead_letters WHERE id IN ({marks})", chunk).rowcount
+                db.execute(f"DELETE FROM records WHERE status='dead' AND id IN ({marks})", chunk)
+            return n
+
+
+def _try_lock(f: IO[bytes]) -> None:
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+
+        msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)  # type: ignore[attr-defined,unused-ignore]
+        return
+    fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+__all__ = ["Failed", "JobState", "RunStats", "StoredRecord", "Written"]
