@@ -384,20 +384,21 @@ def run(ctx: Any) -> Any:
     if "share" in ep and ep["share"] < 0.95 and not ctx.quick:
         notes.append(_miss_note(ep, phases, ideal, setup))
     if "share" in ep and ep["responses_429"] and not ctx.quick:
+        refused = sorted(r[0] for r in (trace or {}).get("requests", []) if r[2] is None)
+        when = (f" (sent at {', '.join(f'{t:.1f} s' for t in refused[:5])})" if refused else "")
         notes.append(
-            f"**embedpipe got {ep['responses_429']} 429 of {ep['responses']} responses** "
-            f"({report.percent(ep['share_429'], 1)}: with requests of up to 300k tokens a run makes few, so a "
-            "single 429 is above 1%). Traced (diagnostic runs with each request's send and answer times): "
-            "at the start several requests are in flight at once and the limiter lets them use the bucket to "
-            "the last token; one sent later but smaller reaches the server and is tokenized before a larger "
-            "one sent earlier, and the server refuses whichever comes second by a few thousand tokens. The "
-            "mismatch comes from `MemoryRateLimiter`'s buckets (`_Bucket` in `embedpipe/limits.py`): they "
-            "count refill from the moment the limiter charges a request, but the server's bucket stays at "
-            "capacity, wasting its refill, until the request has arrived and been tokenized. Later requests "
-            "go one at a time and the x-ratelimit-remaining headers keep the limiter in step (in a trial with "
-            "header syncing switched off, every request got a 429). What would fix it: keep a headroom below "
-            "capacity worth the send-to-admission delay (rate × ~1 s: under 2% of a one-minute bucket), or "
-            "let one request be in flight until the first response has synced the level from its headers.")
+            f"**embedpipe got {ep['responses_429']} 429 of {ep['responses']} responses**{when} "
+            f"({report.percent(ep['share_429'], 1)}: a run this short makes few requests, so a single 429 "
+            "is above 1%). Traced (diagnostic runs with each request's send and answer times): right after "
+            "the opening burst, while several requests are still in flight, the limiter's level runs a few "
+            "thousand tokens above the server's. `MemoryRateLimiter`'s buckets (`_Bucket` in "
+            "`embedpipe/limits.py`) count refill from the moment they charge a request, but the server "
+            "charges it only once it has arrived and been tokenized, and whenever its bucket is full in "
+            "between, that refill is lost. The x-ratelimit-remaining headers of later answers put the "
+            "limiter back in step (in a trial with header syncing switched off, every request got a 429). "
+            "Tried and dropped: holding every request until the first one is answered left the 429 where it "
+            "was. What would fix it: a headroom below capacity worth the send-to-admission delay (rate × "
+            "~1 s: under 2% of a one-minute bucket, but 10% of this benchmark's 10-second one).")
     for name in ("langchain", "llamaindex", "llamaindex-async", "llamaindex-async-4"):
         r = rows.get(name, {})
         if r.get("error"):
@@ -444,11 +445,10 @@ def _miss_note(ep: dict[str, Any], phases: dict[str, float] | None, ideal: float
             "so the limiter never counts refill the server loses")
     if phases["tail"] > setup.latency * 2:
         causes.append(
-            f"its last request took {report.seconds(phases['tail'])} to answer: `_plan` fills requests up to "
-            "300k tokens (OpenAI's per-request cap), and a big request's latency and answer (about 16 MB of "
-            "base64 here) end the run (in `EmbeddingPipeline._plan`: when a rate limiter is set, cap a "
-            "request at a fraction of its bucket, e.g. tpm/8, so the last one is small; LlamaIndex's 100-text "
-            "requests end close to the ideal, at the price of many 429s, see the table)")
+            f"its last request took {report.seconds(phases['tail'])} to answer: `_plan` caps a request at "
+            "an eighth of the TPM bucket, and the last request's latency and answer still end the run "
+            "(LlamaIndex's 100-text requests end closer to the ideal, at the price of many 429s, see the "
+            "table)")
     return text + " From its trace: " + "; ".join(causes) + "." if causes else text
 
 

@@ -49,6 +49,8 @@ _DEFAULT: Any = object()
 #: a batch isolating a 400 gives up splitting after this many single-input failures with
 #: no success at all: every request fails alike, so the request itself is at fault.
 _REQUEST_LEVEL_PROBES = 3
+#: under a TPM limit, a request holds at most this fraction (1/n) of the token bucket.
+_REQUESTS_PER_TOKEN_BUCKET = 8
 
 
 class EmbeddingResult(list):  # type: ignore[type-arg]
@@ -390,7 +392,13 @@ class EmbeddingPipeline:
         cap = self.max_batch_tokens
         lim = getattr(self.rate_limiter, "max_tokens_per_request", None)
         if lim:
-            cap = min(cap or lim, lim)
+            # Under a TPM budget, requests of a fraction of the bucket keep the pipe full: the
+            # limiter admits them as tokens refill instead of in a few big gulps, and the last
+            # request of a run, whose latency nothing can hide, stays small. Spend at most a
+            # quarter of an RPM budget on it.
+            rpm = getattr(self.rate_limiter, "rpm", None)
+            parts = _REQUESTS_PER_TOKEN_BUCKET if not rpm else max(1, min(_REQUESTS_PER_TOKEN_BUCKET, rpm // 4))
+            cap = min(cap or lim, max(1, lim // parts))
         batches: list[list[_Piece]] = []
         cur: list[_Piece] = []
         cur_tokens = 0

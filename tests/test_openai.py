@@ -131,7 +131,7 @@ def test_tpm_limit_keeps_429s_rare(openai_server: OpenAITestServer, corpus: list
     openai_server.control.configure(rpm=None, tpm=tpm, window=3.0)
     from embedpipe.limits import MemoryRateLimiter
 
-    # The server's window is one second, so the limiter gets the same window.
+    # The limiter is told the server's limit and window.
     limiter = MemoryRateLimiter(tpm=tpm, window=3.0)
     with pipe_for(openai_server, cache=None, rate_limiter=limiter, batch_size=16) as pipe:
         pipe.embed(texts)
@@ -139,6 +139,32 @@ def test_tpm_limit_keeps_429s_rare(openai_server: OpenAITestServer, corpus: list
     ledger = openai_server.ledger
     assert ledger.requests_ok == st.requests - st.rate_limited
     assert ledger.responses_429 <= 0.05 * ledger.requests_total, ledger.status_counts
+
+
+@pytest.mark.parametrize(("rpm", "most_tokens"), [(None, 80_000 // 8), (8, 80_000 // 2)])
+def test_requests_hold_a_fraction_of_the_tpm_bucket(openai_server: OpenAITestServer, corpus: list[dict[str, str]],
+                                                    rpm: int | None, most_tokens: int) -> None:
+    """Under a TPM limit requests stay small enough to flow as the bucket refills (an eighth of
+    it), and a small RPM budget is not spent on it (at most a quarter of the RPM budget)."""
+    from embedpipe.limits import MemoryRateLimiter
+
+    texts = [r["text"][:2000] for r in corpus[:200]]
+    limiter = MemoryRateLimiter(rpm=rpm, tpm=80_000, window=60.0)
+    with pipe_for(openai_server, cache=None, rate_limiter=limiter) as pipe:
+        sizes: list[int] = []
+        send = pipe.provider.aembed_batch
+
+        async def recording(batch: list[str], role: Any) -> Any:
+            result = await send(batch, role)
+            sizes.append(result.tokens)
+            return result
+
+        pipe.provider.aembed_batch = recording  # type: ignore[method-assign]  # observes the real calls
+        out = pipe.embed(texts)
+    assert all(v is not None for v in out)
+    assert sum(sizes) == openai_server.ledger.billed_tokens > most_tokens  # needs several requests
+    assert max(sizes) <= most_tokens
+    assert max(sizes) > most_tokens // 2, "requests are filled up to the cap"
 
 
 def test_estimate_matches_billed_tokens(openai_server: OpenAITestServer, corpus: list[dict[str, str]]) -> None:
