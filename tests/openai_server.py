@@ -483,7 +483,35 @@ class _Admission:
     requested: int = 0
 
 
-class ServerControl:
+class _FaultShortcuts:
+    """``fail_next`` and ``set_fault_rate``, written once over ``script``, ``config`` and ``configure``."""
+
+    @property
+    def config(self) -> ServerConfig:
+        raise NotImplementedError
+
+    def script(self, *faults: FaultKind | str | None) -> None:
+        raise NotImplementedError
+
+    def configure(self, **changes: Any) -> ServerConfig:
+        raise NotImplementedError
+
+    def fail_next(self, fault: FaultKind | str, times: int = 1) -> None:
+        """Queue ``fault`` for the next ``times`` requests (after faults already queued)."""
+        self.script(*([fault] * times))
+
+    def set_fault_rate(self, fault: FaultKind | str, probability: float) -> None:
+        """Set the probability that a request with no scripted fault gets ``fault`` (0 removes it)."""
+        kind = _normalise_fault(fault)
+        if kind is None:
+            raise ValueError("a fault kind is required")
+        rates = {k: v for k, v in self.config.fault_rates.items() if k != kind}
+        if probability:
+            rates[kind] = probability
+        self.configure(fault_rates=rates)
+
+
+class ServerControl(_FaultShortcuts):
     """Runtime state of one server: configuration, fault script, rate buckets and ledger.
 
     Thread-safe: tests call it from their own thread while the server runs in
@@ -545,20 +573,6 @@ class ServerControl:
         kinds = [_normalise_fault(fault) for fault in faults]
         with self._lock:
             self._script.extend(kinds)
-
-    def fail_next(self, fault: FaultKind | str, times: int = 1) -> None:
-        """Queue ``fault`` for the next ``times`` requests (after faults already queued)."""
-        self.script(*([fault] * times))
-
-    def set_fault_rate(self, fault: FaultKind | str, probability: float) -> None:
-        """Set the probability that a request with no scripted fault gets ``fault`` (0 removes it)."""
-        kind = _normalise_fault(fault)
-        if kind is None:
-            raise ValueError("a fault kind is required")
-        rates = {k: v for k, v in self._config.fault_rates.items() if k != kind}
-        if probability:
-            rates[kind] = probability
-        self.configure(fault_rates=rates)
 
     def clear_faults(self) -> None:
         """Drop scripted faults and fault rates, and leave quota exhaustion."""
@@ -1261,7 +1275,7 @@ def running_server(**config: Any) -> Iterator[OpenAITestServer]:
         yield server
 
 
-class RemoteControl:
+class RemoteControl(_FaultShortcuts):
     """:class:`ServerControl`'s API for a server in another process, over ``/_control`` and ``/_ledger``."""
 
     def __init__(self, url: str, *, timeout: float = 5.0) -> None:
@@ -1298,20 +1312,6 @@ class RemoteControl:
     def script(self, *faults: FaultKind | str | None) -> None:
         """Queue faults for the next requests, one each."""
         self._post(script=list(faults))
-
-    def fail_next(self, fault: FaultKind | str, times: int = 1) -> None:
-        """Queue ``fault`` for the next ``times`` requests."""
-        self.script(*([fault] * times))
-
-    def set_fault_rate(self, fault: FaultKind | str, probability: float) -> None:
-        """Set the probability of ``fault`` on requests with no scripted fault."""
-        kind = _normalise_fault(fault)
-        if kind is None:
-            raise ValueError("a fault kind is required")
-        rates = {k: v for k, v in self.config.fault_rates.items() if k != kind}
-        if probability:
-            rates[kind] = probability
-        self.configure(fault_rates=rates)
 
     def clear_faults(self) -> None:
         """Drop scripted faults and fault rates, and leave quota exhaustion."""
