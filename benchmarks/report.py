@@ -118,7 +118,7 @@ def git_state(repo: Path) -> str:
 
     commit = git("rev-parse", "--short", "HEAD") or "unknown"
     dirty = git("status", "--porcelain", "--", "embedpipe", "langchain_embedpipe", "llamaindex_embedpipe",
-                "benchmarks", "tests/openai_server.py")
+                "benchmarks", "tests/openai_server.py", ":(exclude)benchmarks/plots")  # plots are output
     if dirty:
         return f"{commit} (with uncommitted changes to {len(dirty.splitlines())} file(s) of the benchmarked code)"
     return commit
