@@ -106,7 +106,9 @@ def byte_store(cache_url: str) -> Iterator[EmbedPipeByteStore]:
     store.close()
 
 
-class TestByteStoreSync(BaseStoreSyncTests[bytes]):
+class _ByteStoreFixtures:
+    """The two fixtures LangChain's store suites ask for, shared by the sync and async suites."""
+
     @pytest.fixture
     def kv_store(self, byte_store: EmbedPipeByteStore) -> EmbedPipeByteStore:
         return byte_store
@@ -116,11 +118,9 @@ class TestByteStoreSync(BaseStoreSyncTests[bytes]):
         return b"foo", b"bar", b"\x00buzz\xff"
 
 
-class TestByteStoreAsync(BaseStoreAsyncTests[bytes]):
-    @pytest.fixture
-    def kv_store(self, byte_store: EmbedPipeByteStore) -> EmbedPipeByteStore:
-        return byte_store
+class TestByteStoreSync(_ByteStoreFixtures, BaseStoreSyncTests[bytes]):
+    pass
 
-    @pytest.fixture
-    def three_values(self) -> tuple[bytes, bytes, bytes]:
-        return b"foo", b"bar", b"\x00buzz\xff"
+
+class TestByteStoreAsync(_ByteStoreFixtures, BaseStoreAsyncTests[bytes]):
+    pass
