@@ -7,6 +7,43 @@ place, so the engine's retry and isolation rules read a single shape.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+#: why an input could not be embedded; code branches on this, never on message text
+FailureKind = Literal["invalid_input", "rejected", "invalid_response", "retries_exhausted", "budget", "provider"]
+FAILURE_KINDS: tuple[str, ...] = ("invalid_input", "rejected", "invalid_response", "retries_exhausted", "budget",
+                                  "provider")
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why one input was not embedded.
+
+    ``kind``: ``"invalid_input"`` (empty, not UTF-8, too long with on_long_input="error", a kind the
+    provider cannot embed), ``"rejected"`` (the provider refused this input: a 400 isolated to it),
+    ``"invalid_response"`` (the answers for it kept being unusable), ``"retries_exhausted"`` (a
+    retryable error outlasted the retries), ``"budget"`` (not sent: the budget was reached) or
+    ``"provider"`` (any other provider failure: auth, quota, a local model's error).
+    ``str(failure)`` is the message.
+    """
+
+    kind: FailureKind
+    status: int | None = None
+    retryable: bool = False
+    message: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in FAILURE_KINDS:
+            raise ValueError(f"Failure kind {self.kind!r} is not one of {FAILURE_KINDS}")
+
+    def __str__(self) -> str:
+        return self.message
+
+    @property
+    def record_fault(self) -> bool:
+        """Whether the input itself is at fault (retrying it unchanged cannot help)."""
+        return self.kind in ("invalid_input", "rejected")
 
 
 class EmbedPipeError(Exception):
@@ -33,13 +70,16 @@ class InputTypeError(EmbedPipeError, TypeError):
 
 
 class EmbeddingFailedError(EmbedPipeError):
-    """Some inputs could not be embedded; ``failures`` maps each input index to its reason.
+    """Some inputs could not be embedded; ``failures`` maps each input index to its :class:`Failure`.
 
     Everything that could be embedded was embedded and cached before this was raised.
+    ``stats`` holds what the failed call did (requests, tokens billed...), when known.
     """
 
-    def __init__(self, failures: Mapping[int, str], message: str | None = None) -> None:
-        self.failures: dict[int, str] = dict(failures)
+    def __init__(self, failures: Mapping[int, Failure], message: str | None = None, *,
+                 stats: object | None = None) -> None:
+        self.failures: dict[int, Failure] = dict(failures)
+        self.stats = stats
         if message is None:
             shown = sorted(self.failures)[:10]
             more = "" if len(self.failures) <= 10 else f" (and {len(self.failures) - 10} more)"
@@ -62,6 +102,15 @@ class BudgetExceededError(EmbedPipeError):
         self.budget_usd = budget_usd
 
 
+class PipelineClosedError(EmbedPipeError, RuntimeError):
+    """A call was made on a pipeline after :meth:`~embedpipe.EmbeddingPipeline.close`."""
+
+
+class CacheError(EmbedPipeError):
+    """A cache backend's read or write failed. Backends map their library's errors into this;
+    the engine then carries on uncached (fail open)."""
+
+
 class DimensionMismatchError(EmbedPipeError):
     """A vector's length differs from the dimensions the pipeline expects."""
 
@@ -74,7 +123,7 @@ class ModelNotFoundError(ConfigurationError):
     """A model spec names a model that cannot be loaded offline."""
 
 
-class CacheUnavailableError(EmbedPipeError):
+class CacheUnavailableError(CacheError):
     """The cache backend cannot be reached and the cache was configured with ``on_error=raise``."""
 
 
@@ -111,7 +160,12 @@ class InvalidResponseError(ProviderError):
 
 
 __all__ = [
+    "FAILURE_KINDS",
+    "CacheError",
     "EmbedPipeError",
+    "Failure",
+    "FailureKind",
+    "PipelineClosedError",
     "InvalidInputError",
     "InputTypeError",
     "EmbeddingFailedError",

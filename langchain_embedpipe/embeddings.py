@@ -110,7 +110,7 @@ class EmbedPipeEmbeddings(Embeddings):
             document_embedding_cache, namespace=namespace, key_encoder=key_encoder, value_format=value_format,
             query_store=None if isinstance(query_embedding_cache, bool) else query_embedding_cache)
         if batch_size is not None:
-            options["batch_size"] = min(batch_size, FrameworkProvider.default_batch_size)
+            options["batch_size"] = min(batch_size, FrameworkProvider.info.batch_size)
         return cls(underlying_embeddings, cache=cache, cache_queries=query_embedding_cache is not False, **options)
 
     # ------------------------------------------------------------------ LangChain's methods

@@ -6,7 +6,7 @@ import hashlib
 
 import numpy as np
 
-from embedpipe.providers.base import BatchResult, Provider, Role
+from embedpipe.providers.base import BatchResult, Provider, ProviderInfo, Role
 
 
 def fake_vector(text: str, dimensions: int) -> np.ndarray:
@@ -21,19 +21,15 @@ class FakeProvider(Provider):
     """``fake:<dims>``: free, instant and deterministic; counts tokens with cl100k_base."""
 
     name = "fake"
-    default_batch_size = 512
-    default_concurrency = 4
+    info = ProviderInfo(batch_size=512, default_concurrency=4, price_per_1m_units=0.0)
 
     def __init__(self, dimensions: int = 384, *, max_input_tokens: int | None = None) -> None:
         if dimensions < 1:
             raise ValueError(f"fake provider dimensions must be positive, got {dimensions}")
-        super().__init__(str(dimensions), dimensions)
+        super().__init__(str(dimensions), info=ProviderInfo(
+            batch_size=512, default_concurrency=4, price_per_1m_units=0.0, dimensions=dimensions,
+            max_input_tokens=max_input_tokens))
         self.native_dimensions = dimensions
-        self.max_input_tokens = max_input_tokens
-
-    @property
-    def price_per_1m_tokens(self) -> float | None:
-        return 0.0
 
     async def aembed_batch(self, texts: list[str], role: Role) -> BatchResult:
         # No I/O: computing inline is cheaper than a worker thread.

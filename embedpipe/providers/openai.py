@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import os
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -12,7 +13,7 @@ import numpy as np
 
 from embedpipe.cost import OPENAI_MODELS
 from embedpipe.errors import ConfigurationError, InvalidResponseError, ProviderError, RateLimitedError
-from embedpipe.providers.base import BatchResult, Provider, Role
+from embedpipe.providers.base import BatchResult, Provider, ProviderInfo, Role
 
 OPENAI_BASE_URL = "https://api.openai.com/v1"
 
@@ -85,11 +86,8 @@ class OpenAIProvider(Provider):
     name = "openai"
     # OpenAI's documented request limits: 2048 inputs and 300,000 tokens per request
     # (https://platform.openai.com/docs/api-reference/embeddings/create, as of 2026-11-23).
-    default_batch_size = 2048
-    max_batch_tokens: int | None = 300_000
-    default_concurrency = 8
-    #: the server reduces dimensions itself (Matryoshka via the ``dimensions`` parameter)
-    handles_dimensions = True
+    # The server reduces dimensions itself (Matryoshka via the ``dimensions`` parameter).
+    info = ProviderInfo(batch_size=2048, max_batch_tokens=300_000, default_concurrency=8, handles_dimensions=True)
 
     def __init__(self, model: str, *, dimensions: int | None = None, api_key: str | None = None,
                  base_url: str | None = None, timeout: float | None = 60.0,
@@ -101,7 +99,8 @@ class OpenAIProvider(Provider):
             raise ConfigurationError("the OpenAI provider needs the openai SDK: pip install 'embedpipe[openai]'") \
                 from None
         info = OPENAI_MODELS.get(model)
-        self.info = info
+        #: what the price table knows of this model (``None`` for a self-hosted one)
+        self.model_info = info
         self.base_url = normalize_base_url(base_url or os.environ.get("OPENAI_BASE_URL") or OPENAI_BASE_URL)
         self.official = self.base_url == OPENAI_BASE_URL
         key = api_key or os.environ.get("OPENAI_API_KEY")
@@ -117,19 +116,17 @@ class OpenAIProvider(Provider):
                 raise ConfigurationError(f"{model} does not support dimensions=; only text-embedding-3 models do")
             if info is not None and dimensions > info.dimensions:
                 raise ConfigurationError(f"dimensions={dimensions} exceeds {model}'s {info.dimensions}")
-        super().__init__(model, dimensions if dimensions is not None else (info.dimensions if info else None))
+        # A model no table knows (a self-hosted server's) has an unknown price, never $0.
+        super().__init__(model, info=replace(
+            self.info, dimensions=dimensions if dimensions is not None else (info.dimensions if info else None),
+            max_input_tokens=max_input_tokens or (info.max_input_tokens if info else None),
+            price_per_1m_units=info.price_per_1m_tokens if info else None))
         self.requested_dimensions = dimensions
-        self.max_input_tokens = max_input_tokens or (info.max_input_tokens if info else None)
         self.encoding = encoding or (info.encoding if info else "cl100k_base")
         self.timeout = timeout
         self.organization = organization
         self.default_headers = dict(default_headers or {})
         self._client: Any = None
-
-    @property
-    def price_per_1m_tokens(self) -> float | None:
-        # A model no table knows (a self-hosted server's) has an unknown price, never $0.
-        return self.info.price_per_1m_tokens if self.info is not None else None
 
     @property
     def tokenizer(self) -> Any:
