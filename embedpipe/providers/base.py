@@ -20,7 +20,6 @@ from typing import Any, ClassVar, Literal, Protocol
 import numpy as np
 
 from embedpipe.errors import EmbedPipeError, ProviderError
-from embedpipe.inputs import Input
 
 Role = Literal["document", "query"]
 
@@ -213,14 +212,16 @@ class Provider:
         return TiktokenTokenizer.for_encoding("cl100k_base")
 
     # -- the batch method -------------------------------------------------------------
-    def embed_batch(self, texts: list[Input], role: Role) -> BatchResult:
+    # ``list[Any]``: inputs are strings, or Items of a kind in ``info.modalities``; a text-only
+    # provider may annotate ``list[str]``, since the engine never hands it anything else.
+    def embed_batch(self, texts: list[Any], role: Role) -> BatchResult:
         """Embed ``texts`` in one call (blocking). Override this or :meth:`aembed_batch`.
 
         Inputs are strings, or :class:`~embedpipe.inputs.Item` of a kind in ``info.modalities``.
         """
         raise NotImplementedError(f"{type(self).__name__} must override embed_batch or aembed_batch")  # abstract
 
-    async def aembed_batch(self, texts: list[Input], role: Role) -> BatchResult:
+    async def aembed_batch(self, texts: list[Any], role: Role) -> BatchResult:
         """Embed ``texts`` in one call (async). The default runs :meth:`embed_batch` in a thread."""
         import asyncio
 
