@@ -9,16 +9,20 @@
 from __future__ import annotations
 
 from embedpipe.cache import CacheBackend, MemoryCache, SQLiteCache, cache_from_url
+from embedpipe.config import PipelineConfig
 from embedpipe.cost import Estimate
 from embedpipe.errors import (
     BudgetExceededError,
     DimensionMismatchError,
     EmbeddingFailedError,
     EmbedPipeError,
+    Failure,
     InvalidInputError,
+    PipelineClosedError,
 )
+from embedpipe.inputs import Input, Item
 from embedpipe.pipeline import EmbeddingArray, EmbeddingPipeline, EmbeddingResult
-from embedpipe.providers import Provider, provider_from_spec
+from embedpipe.providers import Provider, ProviderInfo, provider_from_spec
 from embedpipe.stats import Stats
 
 __version__ = "0.1.0"
@@ -33,9 +37,15 @@ __all__ = [
     "EmbeddingPipeline",
     "EmbeddingResult",
     "Estimate",
+    "Failure",
+    "Input",
     "InvalidInputError",
+    "Item",
     "MemoryCache",
+    "PipelineClosedError",
+    "PipelineConfig",
     "Provider",
+    "ProviderInfo",
     "SQLiteCache",
     "Stats",
     "cache_from_url",

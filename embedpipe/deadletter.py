@@ -353,7 +353,7 @@ def _sort_out(letters: Sequence[DeadLetter], result: EmbeddingResult,
     for i, letter in enumerate(letters):
         vector = result[i]
         if vector is None:
-            reason = redact(result.failures.get(i, "not embedded"), secrets)
+            reason = redact(str(result.failures.get(i, "not embedded")), secrets)
             failed.append(replace(letter, reason=reason, attempts=1, time=now))
         else:
             recovered.append((letter, vector))

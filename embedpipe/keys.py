@@ -39,3 +39,21 @@ def text_keys(material: bytes, texts: Iterable[str]) -> list[str]:
         h.update(text.encode("utf-8", "surrogatepass"))
         out.append(h.hexdigest())
     return out
+
+
+def item_keys(material: bytes, items: Iterable[Any]) -> list[str]:
+    """One hex key per :class:`~embedpipe.inputs.Item`, from its kind and ``content_key()``.
+
+    The 0xFF byte after the material never occurs in UTF-8 (nor in ``surrogatepass`` output),
+    so no item key can equal a text key.
+    """
+    sha = hashlib.sha256
+    out = []
+    for item in items:
+        h = sha(material)
+        h.update(b"\xff")
+        h.update(str(item.kind).encode("utf-8"))
+        h.update(b"\x00")
+        h.update(item.content_key())
+        out.append(h.hexdigest())
+    return out

@@ -145,19 +145,22 @@ class RateLimiter:
         """The largest token charge :meth:`acquire` can ever grant: the TPM capacity, or ``None``."""
         return self.tpm
 
-    async def acquire(self, tokens: int, requests: int = 1) -> None:
+    async def acquire(self, tokens: int, requests: int = 1) -> float:
         """Wait until both the requests and the tokens budgets allow, then charge them.
 
-        Waiters re-check after each sleep, so arrivals are served roughly, not strictly,
-        in order. Raises :class:`~embedpipe.errors.ConfigurationError` for a charge larger
-        than a budget's capacity, which could never be granted.
+        Returns the seconds spent waiting (0.0 when admitted at once). Waiters re-check
+        after each sleep, so arrivals are served roughly, not strictly, in order. Raises
+        :class:`~embedpipe.errors.ConfigurationError` for a charge larger than a budget's
+        capacity, which could never be granted.
         """
         self._check_charge(tokens, requests)
+        waited = 0.0
         while True:
             wait = await self._attempt(tokens, requests)
             if wait <= 0:
-                return
+                return waited
             await self._sleep(wait)
+            waited += wait
 
     async def _attempt(self, tokens: int, requests: int) -> float:
         """Charge both budgets and return 0.0, or charge nothing and return the seconds to wait.
@@ -186,8 +189,8 @@ class RateLimiter:
         with a reset of "6m0s". Unparseable values are ignored.
         """
         lowered = {k.lower(): v for k, v in headers.items()}
-        requests = _header_number(lowered.get("x-ratelimit-remaining-requests"))
-        tokens = _header_number(lowered.get("x-ratelimit-remaining-tokens"))
+        requests = header_number(lowered.get("x-ratelimit-remaining-requests"))
+        tokens = header_number(lowered.get("x-ratelimit-remaining-tokens"))
         if self.rpm is None or (requests is not None and requests >= self.rpm):
             requests = None
         if self.tpm is None or (tokens is not None and tokens >= self.tpm):
@@ -228,7 +231,7 @@ class RateLimiter:
             )
 
 
-def _header_number(value: str | None) -> float | None:
+def header_number(value: str | None) -> float | None:
     if value is None:
         return None
     try:

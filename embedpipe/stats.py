@@ -1,4 +1,9 @@
-"""Counters a pipeline keeps: one dataclass, snapshot on read."""
+"""Counters: one dataclass for a call's own stats and for a pipeline's running total.
+
+Each call counts into its own :class:`Stats` (``result.stats``); when it ends, the pipeline's
+running total adds it whole (a subscriber to :class:`~embedpipe.events.CallDone`), so the
+per-call stats of all calls sum exactly to the total and nobody subtracts snapshots.
+"""
 
 from __future__ import annotations
 
@@ -41,6 +46,10 @@ class Stats:
                     setattr(self, name, None)
                 else:
                     setattr(self, name, current + delta)
+
+    def merge(self, other: Stats) -> None:
+        """Add every counter of ``other`` (a finished call's stats) to this one, atomically."""
+        self.add(**other.as_dict())
 
     def snapshot(self) -> Stats:
         """A consistent copy."""

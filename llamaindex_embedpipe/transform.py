@@ -15,7 +15,7 @@ from llama_index.core.storage.docstore.types import BaseDocumentStore
 from llama_index.core.storage.docstore.utils import doc_to_json, json_to_doc
 from llama_index.core.vector_stores.types import BasePydanticVectorStore
 
-from embedpipe import EmbeddingResult, Stats
+from embedpipe import EmbeddingResult
 from embedpipe.deadletter import (
     DeadLetter,
     DeadLetterStore,
@@ -45,7 +45,6 @@ class TransformCounts:
 class _Plan:
     todo: list[int]
     texts: list[str]
-    before: Stats
 
 
 class EmbedPipeTransform(TransformComponent):
@@ -137,7 +136,7 @@ class EmbedPipeTransform(TransformComponent):
     def _plan(self, nodes: Sequence[BaseNode]) -> _Plan:
         todo = [i for i, node in enumerate(nodes) if not self._carries_ours(node)]
         texts = [nodes[i].get_content(metadata_mode=MetadataMode.EMBED) for i in todo]
-        return _Plan(todo, texts, self.embed_model.pipeline.stats)
+        return _Plan(todo, texts)
 
     def _apply(self, nodes: Sequence[BaseNode], plan: _Plan,
                result: EmbeddingResult) -> tuple[list[BaseNode], list[DeadLetter]]:
@@ -147,13 +146,13 @@ class EmbedPipeTransform(TransformComponent):
         for k, i in enumerate(plan.todo):
             vector = result[k]
             if vector is None:
-                letters.append(self._letter(nodes[i], plan.texts[k], result.failures.get(k, "not embedded")))
+                letters.append(self._letter(nodes[i], plan.texts[k], str(result.failures.get(k, "not embedded"))))
                 failed.add(i)
             else:
                 out[i] = self._embedded(nodes[i], vector)
         ok = len(plan.todo) - len(letters)
         # Stats count unique texts; a text embedded once answers its duplicates for free.
-        embedded = min(ok, self.embed_model.pipeline.stats.embedded - plan.before.embedded)
+        embedded = min(ok, result.stats.embedded)
         self._counts.embedded += embedded
         self._counts.cached += ok - embedded
         self._counts.skipped += len(nodes) - len(plan.todo)

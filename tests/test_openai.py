@@ -203,7 +203,8 @@ def test_one_rejected_input_is_isolated(openai_server: OpenAITestServer) -> None
     texts[37] = "this one holds POISON"
     with pipe_for(openai_server, errors="collect") as pipe:
         out = pipe.embed(texts)
-    assert list(out.failures) == [37] and "400" in out.failures[37]
+    assert list(out.failures) == [37] and "400" in str(out.failures[37])
+    assert out.failures[37].kind == "rejected" and out.failures[37].status == 400
     billed = openai_server.ledger.times_billed
     assert all(billed[t] == 1 for i, t in enumerate(texts) if i != 37)
     assert openai_server.ledger.requests_total <= 2 * 7 + 2
@@ -214,7 +215,7 @@ def test_unsupported_dimensions_fail_on_first_call(openai_server: OpenAITestServ
     with pipe_for(openai_server, model="nomic-embed-text:latest", dimensions=64, errors="collect") as pipe:
         out = pipe.embed([f"t{i}" for i in range(300)])
         assert len(out.failures) == 300
-        assert "dimensions" in out.failures[0]
+        assert "dimensions" in str(out.failures[0])
     assert openai_server.ledger.requests_total == 1
 
 
@@ -243,7 +244,8 @@ def test_unknown_model_learns_dims_and_has_unknown_cost(openai_server: OpenAITes
     with pipe_for(openai_server, model="nomic-embed-text:latest") as pipe:
         assert pipe.provider.model == "nomic-embed-text:latest"
         v = pipe.embed(["hello"])[0]
-        assert len(v) == 384 and pipe.provider.dimensions == 384
+        # Learned dimensions live in the pipeline, never on a provider other pipelines may share.
+        assert len(v) == 384 and pipe.expected_dims == 384 and pipe.provider.dimensions is None
         assert pipe.stats.cost_usd is None and pipe.stats.tokens > 0
     with pytest.raises(ConfigurationError, match="price"):
         pipe_for(openai_server, model="nomic-embed-text:latest", budget_usd=1.0)

@@ -9,13 +9,14 @@ in a worker thread unless a backend says its calls never block.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from embedpipe.errors import ConfigurationError
+from embedpipe.errors import CacheError, ConfigurationError
 from embedpipe.keys import text_keys
 
 log = logging.getLogger("embedpipe.cache")
@@ -38,8 +39,42 @@ class CacheStats:
         return self.hits / total if total else None
 
 
+#: the I/O methods whose library errors the base maps into CacheError
+_MAPPED_METHODS = ("get_many", "set_many", "delete", "clear", "prune")
+
+
+def _mapped(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def method(self: CacheBackend, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(self, *args, **kwargs)
+        except CacheError:
+            raise
+        except self.library_errors as exc:
+            raise CacheError(f"{type(self).__name__} {name} failed: {type(exc).__name__}: {exc}") from exc
+    return method
+
+
 class CacheBackend:
-    """Base class of cache backends. Override ``get_many``, ``set_many``, ``delete``, ``yield_keys`` and ``clear``."""
+    """Base class of cache backends. Override ``get_many``, ``set_many``, ``delete``, ``yield_keys`` and ``clear``.
+
+    The errors of the library a backend uses are mapped in one place: list them in
+    ``library_errors`` and the base turns them into :class:`~embedpipe.errors.CacheError`
+    in every overridden I/O method, which the engine then treats as a cache miss or a
+    skipped write (fail open). Bugs (``TypeError``…) propagate.
+    """
+
+    #: the library's exceptions that mean the store failed (not a bug): mapped into CacheError
+    library_errors: tuple[type[BaseException], ...] = (OSError,)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name in _MAPPED_METHODS:
+            fn = cls.__dict__.get(name)
+            if fn is not None and not getattr(fn, "_embedpipe_mapped", False):
+                wrapped = _mapped(name, fn)
+                wrapped._embedpipe_mapped = True  # type: ignore[attr-defined]
+                setattr(cls, name, wrapped)
 
     #: URL scheme(s) this backend registers for
     scheme: str = ""

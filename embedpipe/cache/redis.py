@@ -41,6 +41,7 @@ class RedisCache(CacheBackend):
         self.socket_timeout = socket_timeout
         self.prefix = f"embedpipe:{namespace or 'default'}:"
         self._redis_errors: tuple[type[BaseException], ...] = (redis.ConnectionError, redis.TimeoutError)
+        self.library_errors = (redis.RedisError, OSError)
         self._client = client if client is not None else redis.Redis.from_url(
             url, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout)
         self._warned = False

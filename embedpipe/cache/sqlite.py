@@ -47,6 +47,8 @@ _SQL_VARS = 900  # below SQLite's historical 999 bound-parameter limit
 class SQLiteCache(CacheBackend):
     """A cache in one SQLite file (``sqlite:///relative.db`` or ``sqlite:////absolute.db``)."""
 
+    library_errors = (sqlite3.Error, OSError)
+
     scheme = "sqlite"
 
     def __init__(self, path: str | os.PathLike[str], *, ttl: float | None = None,

@@ -123,7 +123,7 @@ def import_cache(cache: CacheBackend, path: str | os.PathLike[str], *, model: st
             else:
                 assert pipe is not None
                 texts = batch["text"]
-                keys = cache.keys_for(pipe._material("document"), texts, "document")
+                keys = cache.keys_for(pipe.key_material("document"), texts, "document")
                 tokens = batch.get("tokens") or pipe.provider.tokenizer.count(texts)
             cache.set_many([(k, codec.encode(v, t or 0)) for k, v, t in zip(keys, vectors, tokens, strict=True)])
             n += len(keys)

@@ -179,13 +179,6 @@ def _secrets(pipe: EmbeddingPipeline, api_key: str | None) -> list[str]:
     return [s for s in found if isinstance(s, str) and s]
 
 
-def _is_record_fault(reason: str) -> bool:
-    """Whether a failure lies in the record itself (empty, rejected by the server), not the API or the account."""
-    if reason.startswith("input is"):
-        return True
-    return reason.startswith(("HTTP 400", "HTTP 413", "HTTP 422")) and "dimensions parameter" not in reason
-
-
 @dataclass
 class _Chunk:
     """One chunk of records, sorted out against the state."""
@@ -265,11 +258,8 @@ class _Job:
         return chunk
 
     # -- settling one embedded chunk ------------------------------------------------------
-    def settle(self, chunk: _Chunk, future: Future[EmbeddingArray] | None, embedded_before: int, gen: int) -> None:
-        """Write what a chunk's embed call produced, then commit it; dead-letter what failed for good.
-
-        ``embedded_before``: the provider's count of embedded texts when the call was sent.
-        """
+    def settle(self, chunk: _Chunk, future: Future[EmbeddingArray] | None, gen: int) -> None:
+        """Write what a chunk's embed call produced, then commit it; dead-letter what failed for good."""
         c = self.counts
         c.records += len(chunk.entries)
         c.unchanged += chunk.unchanged
@@ -285,16 +275,16 @@ class _Job:
             return
         entries = chunk.to_embed
         failures = arr.failures
-        over_budget = {i for i, r in failures.items() if r.startswith("budget exceeded")}
+        over_budget = {i for i, f in failures.items() if f.kind == "budget"}
         self.budget_hit = self.budget_hit or arr.budget_exceeded or bool(over_budget)
-        transient = [i for i, r in failures.items() if i not in over_budget and not _is_record_fault(r)]
-        # Failures that are not the records' fault while the provider embedded nothing at all since
-        # this call was sent are an outage (API down, bad key, no quota): dead-lettering the corpus
-        # would help nobody. Stop; a re-run goes on from here.
-        silent = self.pipe.stats.embedded == embedded_before
+        transient = [i for i, f in failures.items() if i not in over_budget and not f.record_fault]
+        # Failures that are not the records' fault while the provider embedded nothing at all in
+        # this call are an outage (API down, bad key, no quota): dead-lettering the corpus would
+        # help nobody. Stop; a re-run goes on from here.
+        silent = arr.stats.embedded == 0
         outage = silent and (len(transient) >= 2 or (len(transient) == len(entries) > 0))
         skip = over_budget | (set(transient) if outage else set())
-        dead = [Failed(entries[i], r) for i, r in failures.items() if i not in skip]
+        dead = [Failed(entries[i], str(f)) for i, f in failures.items() if i not in skip]
         ok = [i for i in range(len(entries)) if i not in failures]
         written: list[Written] = []
         meta: dict[str, Any] = {}
@@ -311,7 +301,7 @@ class _Job:
         c.dead += len(dead)
         self._report()
         if outage:
-            reason = failures[transient[0]]
+            reason = str(failures[transient[0]])
             raise JobAbortedError(
                 f"every request of a chunk failed ({len(transient)} records): {reason}. The run stopped; what was "
                 "done is saved and nothing was dead-lettered for this. Fix the cause and run the same command again")
@@ -348,15 +338,14 @@ class _Job:
     # -- the loop: read, classify, embed (two chunks in flight), settle -------------------------
     def embed_all(self, chunks: Iterable[Sequence[Record]], gen: int) -> None:
         """Process ``chunks`` until they run out or the budget is reached."""
-        pending: deque[tuple[_Chunk, Future[EmbeddingArray] | None, int]] = deque()
+        pending: deque[tuple[_Chunk, Future[EmbeddingArray] | None]] = deque()
         with ThreadPoolExecutor(IN_FLIGHT, thread_name_prefix="embedpipe-job") as pool:
             try:
                 for records in chunks:
                     chunk = self.classify(records, gen)
-                    embedded = self.pipe.stats.embedded
                     future = (pool.submit(self.pipe.embed_array, [e.record.text for e in chunk.to_embed])
                               if chunk.to_embed else None)
-                    pending.append((chunk, future, embedded))
+                    pending.append((chunk, future))
                     while pending and (len(pending) > IN_FLIGHT or pending[0][1] is None or pending[0][1].done()):
                         self.settle(*pending.popleft(), gen)
                     if self.budget_hit:
@@ -364,7 +353,7 @@ class _Job:
                 while pending:
                     self.settle(*pending.popleft(), gen)
             finally:
-                for _, future, _ in pending:
+                for _, future in pending:
                     if future is not None:
                         future.cancel()
 

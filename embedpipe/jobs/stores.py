@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from embedpipe.errors import ConfigurationError, DimensionMismatchError
+from embedpipe.events import CallDone, Event
 from embedpipe.jobs.errors import SinkVerificationError
 from embedpipe.jobs.records import Entry
 from embedpipe.jobs.sinks import Receipt, Sink
@@ -149,7 +150,7 @@ class LangChainSink(Sink):
             raise ConfigurationError("the store's EmbedPipeEmbeddings has no cache, so it would embed every text "
                                      "again; give it the job's cache")
         # Same model, dimensions and namespace: the same cache keys, so add_documents only reads.
-        if mine._material("document") != pipeline._material("document"):
+        if mine.key_material("document") != pipeline.key_material("document"):
             raise ConfigurationError(
                 f"the store's EmbedPipeEmbeddings ({mine.provider.spec}, dimensions={mine.dimensions}) is not the "
                 f"job's model ({pipeline.provider.spec}, dimensions={pipeline.dimensions}); its vectors would differ")
@@ -167,10 +168,20 @@ class LangChainSink(Sink):
             self._checked = True
         docs = [Document(page_content=e.record.text, metadata=dict(e.record.metadata), id=e.record.id)
                 for e in entries]
-        before = self.embeddings.stats.embedded
-        for batch in _batches(docs, self.batch_size):
-            self.store.add_documents(list(batch), ids=[d.id for d in batch])
-        again = self.embeddings.stats.embedded - before
+        embedded: list[int] = []
+
+        def count(event: Event) -> None:
+            if isinstance(event, CallDone):
+                embedded.append(event.stats.embedded)
+
+        hooks = self.embeddings.pipeline.hooks
+        hooks.add(count)
+        try:
+            for batch in _batches(docs, self.batch_size):
+                self.store.add_documents(list(batch), ids=[d.id for d in batch])
+        finally:
+            hooks.remove(count)
+        again = sum(embedded)
         if again:
             warnings.warn(f"embedpipe: the store's EmbedPipeEmbeddings embedded {again} text(s) again: it does not "
                           "share the job's cache", stacklevel=4)

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from embedpipe.errors import ConfigurationError
-from embedpipe.providers.base import BatchResult, Provider, Role, Tokenizer
+from embedpipe.providers.base import BatchResult, Provider, ProviderInfo, Role, Tokenizer
 
 
 def _fake(name: str, **opts: Any) -> Provider:
@@ -50,4 +50,4 @@ def provider_from_spec(spec: str, **options: Any) -> Provider:
     return factory(name, **options)
 
 
-__all__ = ["BatchResult", "PROVIDERS", "Provider", "Role", "Tokenizer", "provider_from_spec"]
+__all__ = ["BatchResult", "PROVIDERS", "Provider", "ProviderInfo", "Role", "Tokenizer", "provider_from_spec"]

@@ -80,12 +80,14 @@ class BatchResult:
 
     ``vectors``: (n, d) array in input order. ``tokens``: tokens the provider billed
     (``usage.total_tokens``), or ``None`` if it did not say. ``headers``: response
-    headers, for the rate limiter.
+    headers, for the rate limiter. ``status``: the HTTP status of the answer, ``None``
+    for a provider without one (a local model).
     """
 
     vectors: np.ndarray
     tokens: int | None = None
     headers: Mapping[str, str] = field(default_factory=dict)
+    status: int | None = None
 
 
 #: ProviderInfo fields that older providers declared as class attributes, and their field names

@@ -158,7 +158,8 @@ class OpenAIProvider(Provider):
         except Exception as exc:
             raise map_openai_error(exc) from exc
         headers = {k.lower(): v for k, v in raw.headers.items()}
-        return BatchResult(self._decode(response, len(texts)), tokens=_usage(response), headers=headers)
+        return BatchResult(self._decode(response, len(texts)), tokens=_usage(response), headers=headers,
+                           status=getattr(raw, "status_code", 200))
 
     @staticmethod
     def _decode(response: Any, n: int) -> np.ndarray:

@@ -1,0 +1,544 @@
+"""The engine behind :class:`~embedpipe.EmbeddingPipeline`: one call from inputs to vectors.
+
+A call is: validate and dedupe (:func:`~embedpipe.engine.planning.prepare`), look up in bulk,
+cut and plan what missed, send the requests with rate limits, retries and validation
+(:meth:`Engine.send`), isolate inputs a provider rejects (:mod:`~embedpipe.engine.isolate`),
+cache each answer as it arrives, and assemble the result. Every step counts into the call's own
+:class:`~embedpipe.stats.Stats` and emits :mod:`~embedpipe.events`; when the call ends, its stats
+are added to the pipeline's running total.
+
+The sync entry does its cache lookup in the caller's thread (a fully cached call never
+crosses threads) and runs the miss path on embedpipe's private loop
+(:mod:`embedpipe._runner`); the async entry runs all of it on that loop. There is one copy
+of the logic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from embedpipe import _runner, codec
+from embedpipe.cache import CacheBackend
+from embedpipe.cost import Estimate, cost_of
+from embedpipe.engine.budget import Budget
+from embedpipe.engine.isolate import Isolation, isolate
+from embedpipe.engine.planning import (
+    Call,
+    Errors,
+    OnLongInput,
+    Piece,
+    apply_hits,
+    assemble,
+    combine,
+    cut_pieces,
+    plan_batches,
+    prepare,
+    slices,
+)
+from embedpipe.engine.validate import WrongDimensionsError, check_response
+from embedpipe.errors import (
+    BudgetExceededError,
+    CacheError,
+    CacheUnavailableError,
+    DimensionMismatchError,
+    EmbeddingFailedError,
+    EmbedPipeError,
+    Failure,
+    InvalidInputError,
+    InvalidResponseError,
+    ProviderError,
+    RateLimitedError,
+)
+from embedpipe.events import (
+    BudgetChanged,
+    CacheRead,
+    CallDone,
+    Event,
+    Hooks,
+    InputsFailed,
+    LimiterWaited,
+    LimitsObserved,
+    RateLimited,
+    RequestDone,
+    RequestSent,
+    Retried,
+    next_call_id,
+)
+from embedpipe.keys import item_keys, key_material
+from embedpipe.limits import RateLimiter, header_number
+from embedpipe.providers.base import BUG_EXCEPTIONS, Provider, Role
+from embedpipe.retry import make_retrying
+from embedpipe.stats import Stats
+
+log = logging.getLogger("embedpipe")
+
+#: under a TPM limit, a request holds at most this fraction (1/n) of the token bucket
+REQUESTS_PER_TOKEN_BUCKET = 8
+#: consecutive wrong-dimension answers to one request before it is a configuration error
+WRONG_DIMS_LIMIT = 3
+
+Result = tuple[np.ndarray, dict[int, Failure], bool, Stats]
+
+
+def retry_reason(exc: BaseException | None) -> str:
+    """A short slug for why a request is retried (a metric label)."""
+    if isinstance(exc, RateLimitedError):
+        return "rate_limited"
+    if isinstance(exc, InvalidResponseError):
+        return "invalid_response"
+    if isinstance(exc, ProviderError):
+        if exc.status is not None and exc.status >= 500:
+            return "server_error"
+        text = str(exc).lower()
+        if "timed out" in text or "timeout" in text:
+            return "timeout"
+        if "connection" in text:
+            return "connection"
+    return "other"
+
+
+class Engine:
+    """Runs embed calls for one pipeline. Built by :class:`~embedpipe.EmbeddingPipeline`; not public."""
+
+    def __init__(self, *, provider: Provider, cache: CacheBackend | None, limiter: RateLimiter, budget: Budget,
+                 hooks: Hooks, dimensions: int | None, namespace: str | None, batch_size: int,
+                 max_batch_tokens: int | None, max_concurrency: int, max_retries: int, retry_wait: Any,
+                 sleep: Callable[[float], Any] | None, on_long_input: OnLongInput, errors: Errors,
+                 cache_queries: bool, price_per_1m: float | None) -> None:
+        self.provider = provider
+        self.info = provider.info
+        self.spec = provider.spec
+        self.cache = cache
+        self.limiter = limiter
+        self.budget = budget
+        self.hooks = hooks
+        self.dimensions = dimensions
+        self.namespace = namespace
+        self.batch_size = batch_size
+        self.max_batch_tokens = max_batch_tokens
+        self.max_concurrency = max_concurrency
+        self.max_retries = max_retries
+        self.retry_wait = retry_wait
+        self.sleep = sleep
+        self.on_long_input: OnLongInput = on_long_input
+        self.errors: Errors = errors
+        self.cache_queries = cache_queries
+        self.price = price_per_1m
+        self.total = Stats()
+        if price_per_1m is None:
+            self.total.cost_usd = self.total.saved_usd = None
+        #: native dimensions learned from the first response, when the provider did not declare them
+        self.learned_dims: int | None = None
+        self._materials: dict[str, bytes] = {}
+        self._semaphore: asyncio.Semaphore | None = None
+        self._truncation_warned = False
+
+    # ------------------------------------------------------------------ settings
+    @property
+    def native_dims(self) -> int | None:
+        return self.provider.info.dimensions or self.learned_dims
+
+    @property
+    def expected_dims(self) -> int | None:
+        return self.dimensions or self.native_dims
+
+    def material(self, role: Role) -> bytes:
+        """The cache-key material of this pipeline's vector space for ``role``."""
+        r = role if self.info.role_sensitive else None
+        cached = self._materials.get(str(r))
+        if cached is None:
+            identity = dict(self.provider.identity())
+            if self.namespace is not None:
+                # A namespace names the vector space instead of the server URL, so the same
+                # model behind several URLs (a proxy, a replica) shares one cache.
+                identity.pop("base_url", None)
+                identity["namespace"] = self.namespace
+            cached = key_material(provider=self.provider.name, model=self.provider.model,
+                                  dimensions=self.dimensions, identity=identity, role=r)
+            self._materials[str(r)] = cached
+        return cached
+
+    def token_limit(self) -> int | None:
+        """The most tokens one piece may hold: the model's input limit, a request's, the limiter's."""
+        limit = self.provider.info.max_input_tokens
+        for cap in (self.max_batch_tokens, self.limiter.max_tokens_per_request):
+            if cap:
+                limit = min(limit or cap, cap)
+        return limit
+
+    def request_cap(self) -> int | None:
+        """The most tokens one request may hold."""
+        cap = self.max_batch_tokens
+        lim = self.limiter.max_tokens_per_request
+        if lim:
+            # Under a TPM budget, requests of a fraction of the bucket keep the pipe full: the
+            # limiter admits them as tokens refill instead of in a few big gulps, and the last
+            # request of a run, whose latency nothing can hide, stays small. Spend at most a
+            # quarter of an RPM budget on it.
+            rpm = self.limiter.rpm
+            parts = REQUESTS_PER_TOKEN_BUCKET if not rpm else max(1, min(REQUESTS_PER_TOKEN_BUCKET, rpm // 4))
+            cap = min(cap or lim, max(1, lim // parts))
+        return cap
+
+    # ------------------------------------------------------------------ events
+    def emit(self, event: Event) -> None:
+        self.hooks.emit(event)
+
+    def _end(self, call: Call) -> None:
+        """Close a call's books: the running total adds its stats, then hooks hear CallDone."""
+        self.total.merge(call.stats)
+        if self.hooks:
+            self.emit(CallDone(self.spec, call.id, call.stats.snapshot()))
+
+    # ------------------------------------------------------------------ the steps of a call
+    def begin(self, inputs: Sequence[Any], role: Role, errors: Errors | None, stats: Stats | None = None) -> Call:
+        errors = errors or self.errors
+        if errors not in ("raise", "collect"):
+            from embedpipe.errors import ConfigurationError
+
+            raise ConfigurationError(f"errors={errors!r}: use 'raise' or 'collect'")
+        if stats is None:
+            stats = Stats()
+            if self.price is None:
+                stats.cost_usd = stats.saved_usd = None
+        call = prepare(inputs, role, errors, call_id=next_call_id(), stats=stats,
+                       modalities=self.info.modalities, spec=self.spec)
+        if self.cache is not None and (role == "document" or self.cache_queries) and call.unique:
+            material = self.material(role)
+            if call.has_items:
+                texts = [(u, t) for u, t in enumerate(call.unique) if isinstance(t, str)]
+                keys: list[str] = [""] * len(call.unique)
+                for (u, _), k in zip(texts, self.cache.keys_for(material, [t for _, t in texts], role), strict=True):
+                    keys[u] = k
+                items = [(u, t) for u, t in enumerate(call.unique) if not isinstance(t, str)]
+                for (u, _), k in zip(items, item_keys(material, [t for _, t in items]), strict=True):
+                    keys[u] = k
+                call.keys = keys
+            else:
+                call.keys = self.cache.keys_for(material, call.unique, role)
+        return call
+
+    def read_hits(self, call: Call, values: Sequence[bytes | None], seconds: float) -> list[int]:
+        """Apply cache values; count hits, misses, corrupt values; return the misses."""
+        misses, corrupt, hit_tokens = apply_hits(call, values, self.expected_dims)
+        if corrupt:
+            log.warning("embedpipe: %d cache value(s) failed to decode (corrupt, foreign or wrong dims); "
+                        "re-embedding them", corrupt)
+        hits = len(call.unique) - len(misses)
+        saved = cost_of(hit_tokens, self.price)
+        call.stats.add(hits=hits, misses=len(misses), saved_usd=saved, corrupt=corrupt)
+        if self.hooks and call.keys is not None:
+            self.emit(CacheRead(self.spec, call.id, hits, len(misses), seconds, hit_tokens, saved))
+        return misses
+
+    def cut(self, call: Call, misses: list[int]) -> list[Piece]:
+        """Count tokens and apply ``on_long_input`` to ``misses``."""
+        limit = self.token_limit()
+        cut = cut_pieces(call, misses, self.provider.tokenizer, limit, self.on_long_input)
+        if cut.split or cut.truncated:
+            call.stats.add(split=cut.split, truncated=cut.truncated)
+        if cut.truncated and not self._truncation_warned:
+            self._truncation_warned = True
+            warnings.warn(f"embedpipe: inputs over {limit} tokens were truncated (counted in stats.truncated)",
+                          stacklevel=2)
+        if cut.too_long:
+            message = f"input is longer than the model's limit of {limit} tokens (on_long_input='error')"
+            if call.errors == "raise":
+                over = set(cut.too_long)
+                idx = sorted(i for i, u in enumerate(call.where) if u in over)
+                raise InvalidInputError(f"{len(idx)} input(s) exceed {limit} tokens at indices {idx[:20]}; "
+                                        "nothing was embedded. Use on_long_input='split' or 'truncate'", idx)
+            for u in cut.too_long:
+                call.unique_failures[u] = Failure("invalid_input", message=message)
+        return cut.pieces
+
+    def finish(self, call: Call) -> tuple[np.ndarray, dict[int, Failure]]:
+        out, failures = assemble(call, self.expected_dims)
+        if failures:
+            call.stats.add(failed=len(failures))
+            if self.hooks:
+                self.emit(InputsFailed(self.spec, call.id, dict(failures)))
+        return out, failures
+
+    def raise_or(self, call: Call, failures: dict[int, Failure]) -> None:
+        if failures and call.errors == "raise":
+            if call.budget_exceeded:
+                raise BudgetExceededError(
+                    f"the budget of ${self.budget.limit_usd} was reached after spending "
+                    f"${self.budget.spent_usd:.6f}; {len(failures)} input(s) were not embedded (all finished work "
+                    "is cached)", spent_usd=self.budget.spent_usd, budget_usd=self.budget.limit_usd)
+            raise EmbeddingFailedError(failures, stats=call.stats.snapshot())
+
+    @contextlib.contextmanager
+    def cache_guard(self, call: Call, what: str) -> Iterator[None]:
+        """A failing cache costs the cache, never the vectors (unless it was set to fail closed)."""
+        try:
+            yield
+        except CacheUnavailableError:
+            raise
+        except CacheError as exc:
+            call.stats.add(cache_errors=1)
+            log.warning("embedpipe: cache %s failed (%s); continuing uncached", what, exc)
+
+    # ------------------------------------------------------------------ drivers
+    def run_sync(self, inputs: Sequence[Any], role: Role, errors: Errors | None = None) -> Result:
+        call = self.begin(inputs, role, errors)
+        try:
+            values: Sequence[bytes | None] = [None] * len(call.unique)
+            t0 = time.perf_counter()
+            if self.cache is not None and call.keys:
+                with self.cache_guard(call, "read"):
+                    values = self.cache.get_many(call.keys)
+            misses = self.read_hits(call, values, time.perf_counter() - t0)
+            if misses:
+                _runner.run_sync(self.embed_misses(call, misses))
+            out, failures = self.finish(call)
+        finally:
+            self._end(call)
+        self.raise_or(call, failures)
+        return out, failures, call.budget_exceeded, call.stats
+
+    async def run_async(self, inputs: Sequence[Any], role: Role, errors: Errors | None = None) -> Result:
+        call = self.begin(inputs, role, errors)
+        try:
+            values: Sequence[bytes | None] = [None] * len(call.unique)
+            t0 = time.perf_counter()
+            if self.cache is not None and call.keys:
+                with self.cache_guard(call, "read"):
+                    values = await self.cache.aget_many(call.keys)
+            misses = self.read_hits(call, values, time.perf_counter() - t0)
+            if misses:
+                await self.embed_misses(call, misses)
+            out, failures = self.finish(call)
+        finally:
+            self._end(call)
+        self.raise_or(call, failures)
+        return out, failures, call.budget_exceeded, call.stats
+
+    def estimate(self, inputs: Sequence[Any], rpm: int | None, tpm: int | None) -> Estimate:
+        """What embedding ``inputs`` would cost; shares no mutable state with running calls."""
+        call = self.begin(inputs, "document", "collect", stats=Stats())
+        values: Sequence[bytes | None] | None = None
+        if self.cache is not None and call.keys:
+            with self.cache_guard(call, "read"):
+                values = self.cache.get_many(call.keys)
+        misses = self._lookup_only(call, values)
+        limit = self.token_limit()
+        cut = cut_pieces(call, misses, self.provider.tokenizer, limit, self.on_long_input)
+        batches = plan_batches(cut.pieces, self.batch_size, self.request_cap())
+        tokens = sum(p.tokens for p in cut.pieces)
+        eta = None
+        if rpm or tpm:
+            eta = max(len(batches) / rpm * 60 if rpm else 0.0, tokens / tpm * 60 if tpm else 0.0)
+        return Estimate(texts=call.n, unique=len(call.unique), cached=len(call.unique) - len(misses),
+                        tokens=tokens, cost_usd=cost_of(tokens, self.price), requests=len(batches),
+                        eta_seconds=eta, invalid=len(call.failures))
+
+    def _lookup_only(self, call: Call, values: Sequence[bytes | None] | None) -> list[int]:
+        if values is None:
+            return list(range(len(call.unique)))
+        present = [u for u, v in enumerate(values) if v is not None]
+        decoded, _ = codec.decode_many([values[u] for u in present], self.expected_dims)  # type: ignore[misc]
+        hit = {present[p] for p in decoded.positions}
+        return [u for u in range(len(call.unique)) if u not in hit]
+
+    # ------------------------------------------------------------------ the async I/O loop
+    async def embed_misses(self, call: Call, misses: list[int]) -> None:
+        counts: dict[int, int] = {}                                  # unique -> pieces
+        parts: dict[int, list[tuple[int, np.ndarray | None]]] = {}   # unique -> (tokens, vector) per piece
+        done: dict[int, int] = {}
+        if self._semaphore is None:
+            self._semaphore = asyncio.Semaphore(self.max_concurrency)
+        sem = self._semaphore
+
+        async def deliver(batch: list[Piece], vectors: np.ndarray | None, failure: Failure | None) -> None:
+            finished: list[int] = []
+            for k, p in enumerate(batch):
+                parts[p.owner][p.window] = (p.tokens, None if vectors is None else vectors[k])
+                if vectors is None and failure is not None:
+                    call.unique_failures.setdefault(p.owner, failure)
+                done[p.owner] += 1
+                if done[p.owner] == counts[p.owner]:
+                    finished.append(p.owner)
+            items: list[tuple[str, bytes]] = []
+            embedded = 0
+            for u in finished:
+                vec = combine(parts.pop(u))
+                if vec is None:
+                    continue
+                call.vectors[u] = vec
+                call.unique_failures.pop(u, None)
+                embedded += 1
+                if call.keys is not None:
+                    items.append((call.keys[u], codec.encode(vec, call.tokens[u])))
+            if embedded:
+                call.stats.add(embedded=embedded)
+            if items:
+                assert self.cache is not None
+                with self.cache_guard(call, "write"):
+                    await self.cache.aset_many(items)
+
+        async def run_batch(batch: list[Piece]) -> None:
+            async with sem:
+                await isolate(self, call, batch, Isolation(batch), deliver)
+
+        whole = self.budget.limit_usd is not None or (self.on_long_input == "error" and call.errors == "raise")
+        cap = self.request_cap()
+        # Count and plan slice by slice, sending each slice's batches while the next is
+        # counted (in a thread: tiktoken releases the GIL): the server's rate-limit bucket
+        # never idles while a big call is tokenised.
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            for chunk in slices(call, misses, whole):
+                pieces = await asyncio.to_thread(self.cut, call, chunk)
+                if not pieces:
+                    continue
+                self.budget.check(sum(p.tokens for p in pieces))
+                for p in pieces:
+                    counts[p.owner] = counts.get(p.owner, 0) + 1
+                for u in {p.owner for p in pieces}:
+                    parts[u] = [(0, None)] * counts[u]
+                    done[u] = 0
+                tasks.extend(asyncio.ensure_future(run_batch(b))
+                             for b in plan_batches(pieces, self.batch_size, cap))
+            await asyncio.gather(*tasks)
+        except BaseException:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+
+    async def send(self, call: Call, batch: list[Piece]) -> tuple[dict[int, np.ndarray], ProviderError | None]:
+        """One request with rate limiting, retries and validation.
+
+        Returns the vectors obtained (batch position -> vector) and, when some inputs are still
+        without one after the retries, the error that stopped them. Rows of a response that are
+        valid are kept; only the others are asked for again.
+        """
+        est_all = sum(p.tokens for p in batch)
+        self.budget.check(est_all)
+        reserved = self.budget.reserve(est_all)
+        got: dict[int, np.ndarray] = {}
+        pending = list(range(len(batch)))
+        wrong_dims = 0
+        limiter = self.limiter
+        hooks = self.hooks
+
+        def before_sleep(state: Any) -> None:
+            call.stats.add(retries=1)
+            if hooks:
+                exc = state.outcome.exception() if state.outcome else None
+                wait = state.next_action.sleep if state.next_action else 0.0
+                self.emit(Retried(self.spec, call.id, retry_reason(exc), float(wait)))
+
+        try:
+            async for attempt in make_retrying(self.max_retries, wait=self.retry_wait, sleep=self.sleep,
+                                               before_sleep=before_sleep):
+                with attempt:
+                    inputs = [batch[k].text for k in pending]
+                    est = sum(batch[k].tokens for k in pending)
+                    waited = await limiter.acquire(est)
+                    if waited and hooks:
+                        self.emit(LimiterWaited(self.spec, call.id, waited))
+                    call.stats.add(requests=1)
+                    if hooks:
+                        self.emit(RequestSent(self.spec, call.id, len(inputs), est))
+                    t0 = time.perf_counter()
+                    try:
+                        result = await self.provider.aembed_batch(inputs, call.role)
+                    except Exception as raw:
+                        # A failed request bills nothing: give its tokens back.
+                        await limiter.reconcile(est, 0)
+                        exc = self._map_provider_error(raw)
+                        if exc.headers:
+                            limiter.update_from_headers(exc.headers)
+                        if isinstance(exc, RateLimitedError):
+                            call.stats.add(rate_limited=1)
+                            if exc.retry_after:
+                                limiter.cooldown(exc.retry_after)
+                            if hooks:
+                                self.emit(RateLimited(self.spec, call.id, float(exc.retry_after or 0.0)))
+                        if hooks:
+                            self.emit(RequestDone(self.spec, call.id, len(inputs), 0, 0.0 if self.price is not None
+                                                  else None, time.perf_counter() - t0, exc.status))
+                        if exc is raw:
+                            raise
+                        raise exc from raw
+                    seconds = time.perf_counter() - t0
+                    billed = result.tokens if result.tokens is not None else est
+                    await limiter.reconcile(est, billed)
+                    if result.headers:
+                        limiter.update_from_headers(result.headers)
+                    # Billed whether or not the answer is usable.
+                    cost = cost_of(billed, self.price)
+                    self.budget.spend(cost or 0.0)
+                    call.stats.add(tokens=billed, cost_usd=cost)
+                    if hooks:
+                        self._emit_response(call, result.headers, len(inputs), billed, cost, seconds, result.status)
+                    try:
+                        checked = check_response(result.vectors, len(inputs), native=self.native_dims,
+                                                 dimensions=self.dimensions, spec=self.spec)
+                    except WrongDimensionsError as exc:
+                        wrong_dims += 1
+                        if wrong_dims >= min(WRONG_DIMS_LIMIT, self.max_retries + 1):
+                            raise DimensionMismatchError(f"{exc} in {wrong_dims} answers in a row") from None
+                        raise
+                    wrong_dims = 0
+                    if self.native_dims is None:
+                        self.learned_dims = checked.native
+                        self._check_learned_dims()
+                    bad = set(checked.bad_rows)
+                    for j, k in enumerate(pending):
+                        if j not in bad:
+                            got[k] = checked.vectors[j]
+                    if bad:
+                        pending = [pending[j] for j in sorted(bad)]
+                        raise InvalidResponseError(
+                            f"provider returned non-finite values (NaN/inf) for {len(bad)} of {len(inputs)} inputs")
+        except ProviderError as exc:
+            return got, exc
+        finally:
+            self.budget.release(reserved)
+        return got, None
+
+    def _emit_response(self, call: Call, headers: Any, inputs: int, billed: int, cost: float | None,
+                       seconds: float, status: int | None) -> None:
+        self.emit(RequestDone(self.spec, call.id, inputs, billed, cost, seconds, status))
+        if headers:
+            lowered = {k.lower(): v for k, v in headers.items()}
+            requests = header_number(lowered.get("x-ratelimit-remaining-requests"))
+            tokens = header_number(lowered.get("x-ratelimit-remaining-tokens"))
+            if requests is not None or tokens is not None:
+                self.emit(LimitsObserved(self.spec, call.id, requests, tokens))
+        if cost:
+            self.emit(BudgetChanged(self.spec, call.id, self.budget.spent_usd, self.budget.remaining_usd))
+
+    def _map_provider_error(self, exc: Exception) -> ProviderError:
+        """The seam's rule: embedpipe's own errors pass, bugs propagate, the rest is mapped by the provider."""
+        if isinstance(exc, ProviderError):
+            return exc
+        if isinstance(exc, (EmbedPipeError, *BUG_EXCEPTIONS)):
+            raise exc
+        mapped = self.provider.map_error(exc)
+        if not isinstance(mapped, ProviderError):
+            raise mapped from exc
+        return mapped
+
+    def _check_learned_dims(self) -> None:
+        native = self.native_dims
+        if self.dimensions is not None and native is not None and self.dimensions > native \
+                and not self.info.handles_dimensions:
+            from embedpipe.errors import ConfigurationError
+
+            raise ConfigurationError(f"dimensions={self.dimensions} is larger than {self.spec}'s {native}")
+
+
+__all__ = ["Engine", "retry_reason"]
