@@ -215,9 +215,9 @@ def test_failure_kind_for_each_failure_path(openai_server: OpenAITestServer) -> 
         assert {f.kind for f in out.failures.values()} == {"provider"}
         assert all(f.status == 429 and not f.retryable for f in out.failures.values())
 
-    with openai_pipe(openai_server, errors="collect", budget_usd=1e-9, cache=None) as pipe:
-        with pytest.raises(Exception, match="budget"):
-            pipe.embed(["too expensive " * 50])
+    with openai_pipe(openai_server, errors="collect", budget_usd=1e-9, cache=None) as pipe, \
+            pytest.raises(Exception, match="budget"):
+        pipe.embed(["too expensive " * 50])
     with pytest.raises(ValueError, match="not one of"):
         Failure("oops")  # type: ignore[arg-type]
 
@@ -414,7 +414,7 @@ def test_one_wrong_dimension_answer_is_retried_consistent_ones_are_fatal() -> No
         out = pipe.embed(["a", "b"])
         assert len(out[0]) == 1536 and out.stats.retries == 1
     with EmbeddingPipeline(OnceWrongDims(bad=100), cache=None, sleep=no_sleep) as pipe, \
-            pytest.raises(DimensionMismatchError, match="1535-d.*expected 1536.*3 answers in a row"):
+            pytest.raises(DimensionMismatchError, match=r"1535-d.*expected 1536.*3 answers in a row"):
         pipe.embed(["a"])
 
 
@@ -434,6 +434,6 @@ def test_every_pipeline_has_a_config_that_round_trips() -> None:
     cfg = PipelineConfig.from_json(text)
     assert cfg.rpm == 60 and cfg.cache == "redis://127.0.0.1:6379/0?namespace=x"
     assert {f.name for f in fields(cfg)} >= {"model", "cache", "rpm", "tpm", "budget_usd", "errors"}
-    with EmbeddingPipeline(OutOfMemoryProvider(), cache=None, hooks=[print]) as pipe:
-        with pytest.raises(Exception, match="model, hooks"):
-            pipe.config.to_json()
+    with EmbeddingPipeline(OutOfMemoryProvider(), cache=None, hooks=[print]) as pipe, \
+            pytest.raises(Exception, match="model, hooks"):
+        pipe.config.to_json()
