@@ -45,6 +45,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--only", default="", help=f"comma-separated scenarios: {', '.join(SCENARIOS)}")
     parser.add_argument("--output", type=Path, default=None,
                         help="report file (default: BENCHMARKS.md, or a temporary file with --quick)")
+    parser.add_argument("--baseline", type=Path, default=None, metavar="DIR",
+                        help="time the --only scenarios' embedpipe calls on the checkout in DIR and on this one, in "
+                             "alternating subprocess rounds, instead of running the scenarios")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds for --baseline (default 7, 2 with --quick)")
     args = parser.parse_args(argv)
     asked = [n.strip() for n in args.only.split(",") if n.strip()] or list(SCENARIOS)
     unknown = [n for n in asked if n not in SCENARIOS]
@@ -78,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.output is not None:
         output = args.output.resolve()
-    elif args.quick:
+    elif args.quick or args.baseline is not None:
+        # A smoke run or a baseline comparison never rewrites the committed report by default.
         output = Path(tempfile.mkdtemp(prefix="embedpipe-bench-quick-")) / "BENCHMARKS.md"
     else:
         output = REPO / "BENCHMARKS.md"
@@ -88,16 +93,22 @@ def main(argv: list[str] | None = None) -> int:
     started = dt.datetime.now(dt.timezone.utc)
     t0 = time.perf_counter()
     results = []
+    if args.baseline is not None:
+        from benchmarks.baseline import compare
+
+        rounds = args.rounds or (2 if args.quick else 7)
+        results.append(compare(args.baseline.resolve(), REPO, args.names, quick=args.quick, rounds=rounds))
+    scenario_names = [] if args.baseline is not None else args.names
     try:
         # A scenario may begin background work before any scenario runs (`start(ctx)`); run() collects it.
-        for name in args.names:
+        for name in scenario_names:
             try:
                 module = importlib.import_module(SCENARIOS[name])
                 if hasattr(module, "start"):
                     ctx.started[name] = module.start(ctx)
             except Exception as exc:  # run() meets the same problem and reports it
                 print(f"[benchmarks] {name}: could not start early ({exc})", file=sys.stderr)
-        for name in args.names:
+        for name in scenario_names:
             print(f"[benchmarks] {name} ...", file=sys.stderr, flush=True)
             result = run_one(name, ctx)
             results.append(result)
@@ -112,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(ctx.scratch, ignore_errors=True)
     elapsed = time.perf_counter() - t0
     command = "python -m benchmarks" + (" --quick" if args.quick else "") + \
-        (f" --only {','.join(args.names)}" if args.names != list(SCENARIOS) else "")
+        (f" --only {','.join(args.names)}" if args.names != list(SCENARIOS) else "") + \
+        (f" --baseline {args.baseline}" if args.baseline is not None else "")
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(report.render(results, quick=args.quick, started=started, elapsed=elapsed, repo=REPO,
                                     output=output, command=command), encoding="utf-8")

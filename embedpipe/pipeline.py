@@ -182,12 +182,14 @@ class EmbeddingPipeline:
     def embed_query(self, text: Input) -> list[float]:
         """Embed one query (the role enters the cache key where the provider tells them apart)."""
         self._open()
-        return as_lists(*self._engine.run_sync(_one(text), "query"))[0]  # type: ignore[no-any-return]
+        out, failures, _, _ = self._engine.run_sync(_one(text), "query")
+        return None if failures else out[0].tolist()  # type: ignore[return-value]  # None: failed, errors="collect"
 
     async def aembed_query(self, text: Input) -> list[float]:
         """Async twin of :meth:`embed_query`."""
         self._open()
-        return as_lists(*await _runner.run_async(self._engine.run_async(_one(text), "query")))[0]  # type: ignore[no-any-return]
+        out, failures, _, _ = await _runner.run_async(self._engine.run_async(_one(text), "query"))
+        return None if failures else out[0].tolist()  # type: ignore[return-value]
 
     def estimate(self, texts: Sequence[Input]) -> Estimate:
         """Tokens, cost, cached share, requests and ETA for ``texts``, with no provider call."""

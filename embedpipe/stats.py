@@ -39,17 +39,28 @@ class Stats:
 
     def add(self, **deltas: Any) -> None:
         """Add to counters atomically; a ``None`` cost makes that counter unknown for good."""
+        # The instance dict directly: this runs several times per call, on the cached path too.
+        d = self.__dict__
         with self._lock:
             for name, delta in deltas.items():
-                current = getattr(self, name)
-                if current is None or delta is None:
-                    setattr(self, name, None)
-                else:
-                    setattr(self, name, current + delta)
+                current = d[name]
+                if current is None:
+                    continue
+                d[name] = None if delta is None else current + delta
 
     def merge(self, other: Stats) -> None:
         """Add every counter of ``other`` (a finished call's stats) to this one, atomically."""
-        self.add(**other.as_dict())
+        d = self.__dict__
+        theirs = other.__dict__
+        with self._lock:
+            for name in _COUNTERS:
+                delta = theirs[name]
+                if delta is None:
+                    d[name] = None
+                elif delta:
+                    current = d[name]
+                    if current is not None:
+                        d[name] = current + delta
 
     def snapshot(self) -> Stats:
         """A consistent copy."""
@@ -73,3 +84,7 @@ class Stats:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._lock = threading.Lock()
+
+
+#: the counter fields, in order (every field but the lock)
+_COUNTERS: tuple[str, ...] = tuple(f.name for f in fields(Stats) if f.name != "_lock")
