@@ -10,7 +10,8 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from embedpipe.cache.base import CacheBackend, CacheStats
+from embedpipe._urls import URL
+from embedpipe.cache.base import CacheBackend, CacheStats, url_options
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
@@ -59,6 +60,12 @@ class SQLiteCache(CacheBackend):
         self.namespace = namespace
         self.timeout = timeout
         self._init()
+
+    @classmethod
+    def from_url(cls, url: URL) -> SQLiteCache:
+        """The cache ``sqlite:///relative.db`` or ``sqlite:////absolute.db`` names (options: ttl, max_bytes...)."""
+        opts = url_options(url, ("ttl", "max_bytes", "namespace", "timeout"))
+        return cls(url.file_path("SQLite cache"), **opts)
 
     def _init(self) -> None:
         self._local = threading.local()
