@@ -78,7 +78,7 @@ class URL:
         parts = urlsplit(self.raw)
         keep = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if names and k not in names]
         query = "&".join(f"{quote(k, safe='')}={quote(v, safe='')}" for k, v in keep)
-        return urlunsplit(parts._replace(query=query, fragment=""))
+        return _unsplit(parts.scheme, parts.netloc, parts.path, query)
 
 
 def parse_url(url: str, what: str = "backend") -> URL:
@@ -171,8 +171,13 @@ def redact_url(url: str) -> str:
         pairs.append(f"{name}={MASK}" if eq and _SECRET_OPTION.search(name) else pair)
     query = "&".join(pairs)
     if netloc == parts.netloc and query == parts.query:
-        return redact(url)  # urlunsplit would drop the "//" of an empty host ("sqlite://")
-    return redact(urlunsplit(parts._replace(netloc=netloc, query=query)))
+        return redact(url)
+    return redact(_unsplit(parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def _unsplit(scheme: str, netloc: str, path: str, query: str = "", fragment: str = "") -> str:
+    # Not urlunsplit: it drops the "//" of an empty host, turning sqlite:////abs.db into sqlite://abs.db.
+    return f"{scheme}://{netloc}{path}" + (f"?{query}" if query else "") + (f"#{fragment}" if fragment else "")
 
 
 def public_url(url: str | None) -> str | None:

@@ -25,12 +25,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
+from embedpipe._urls import public_url
 from embedpipe.cache import CacheBackend
 from embedpipe.cost import cost_of
+from embedpipe.deadletters.retry import is_record_fault
 from embedpipe.errors import BudgetExceededError, ConfigurationError
 from embedpipe.jobs.errors import BudgetRefusedError, JobAbortedError, JobConflictError
 from embedpipe.jobs.records import Entry, Record, chunked
@@ -149,16 +150,6 @@ def state_path_for(sink: Sink, state: str | os.PathLike[str] | None) -> Path:
     return path
 
 
-def _public_url(url: str | None) -> str | None:
-    # Kept in the state for `dlq retry`: never with credentials or a query that may carry a token.
-    if not url:
-        return None
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-
-
 def build_pipeline(model: str, *, sink: Sink | None = None, cache: Any = _DEFAULT, chunk_size: int,
                    batch_size: int | None = None, **options: Any) -> EmbeddingPipeline:
     """The pipeline a job embeds with: ``errors="collect"``, and batches small enough that a chunk fills
@@ -177,13 +168,6 @@ def build_pipeline(model: str, *, sink: Sink | None = None, cache: Any = _DEFAUL
 def _secrets(pipe: EmbeddingPipeline, api_key: str | None) -> list[str]:
     found = [api_key, getattr(pipe.provider, "_api_key", None), os.environ.get("OPENAI_API_KEY")]
     return [s for s in found if isinstance(s, str) and s]
-
-
-def _is_record_fault(reason: str) -> bool:
-    """Whether a failure lies in the record itself (empty, rejected by the server), not the API or the account."""
-    if reason.startswith("input is"):
-        return True
-    return reason.startswith(("HTTP 400", "HTTP 413", "HTTP 422")) and "dimensions parameter" not in reason
 
 
 @dataclass
@@ -287,7 +271,7 @@ class _Job:
         failures = arr.failures
         over_budget = {i for i, r in failures.items() if r.startswith("budget exceeded")}
         self.budget_hit = self.budget_hit or arr.budget_exceeded or bool(over_budget)
-        transient = [i for i, r in failures.items() if i not in over_budget and not _is_record_fault(r)]
+        transient = [i for i, r in failures.items() if i not in over_budget and not is_record_fault(r)]
         # Failures that are not the records' fault while the provider embedded nothing at all since
         # this call was sent are an outage (API down, bad key, no quota): dead-lettering the corpus
         # would help nobody. Stop; a re-run goes on from here.
@@ -499,7 +483,7 @@ def run(source: SourceLike, *, model: str, out: Any, state: str | os.PathLike[st
                 sink.open(st)
             with st.transaction() as db:
                 st.set_meta(db, model=spec, requested_dimensions=dimensions, sink=sink.describe(),
-                            base_url=_public_url(base_url))
+                            base_url=public_url(base_url))
             total = est.records if est is not None else src.count() if progress is not None else None
             job = _Job(sink, st, pipe, chunk_size, progress, total)
             gen = st.begin_run()
