@@ -11,6 +11,7 @@ from then on no text cleaned here can carry it.
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 from collections.abc import Iterable, Mapping
@@ -20,7 +21,8 @@ from urllib.parse import parse_qsl, quote, unquote, urlsplit, urlunsplit
 
 from embedpipe.errors import ConfigurationError
 
-__all__ = ["URL", "parse_url", "public_url", "redact", "redact_url", "register_secret", "registered_secrets"]
+__all__ = ["URL", "file_url", "parse_url", "public_url", "redact", "redact_url", "register_secret",
+           "registered_secrets"]
 
 #: what a redacted secret becomes
 MASK = "***"
@@ -104,6 +106,13 @@ def parse_url(url: str, what: str = "backend") -> URL:
     return URL(raw=url.strip(), scheme=parts.scheme.lower(), username=_unquoted(parts.username),
                password=_unquoted(parts.password), host=parts.hostname, port=port, path=path,
                options=MappingProxyType(options))
+
+
+def file_url(scheme: str, path: str | os.PathLike[str], options: Mapping[str, str] | None = None) -> URL:
+    """The URL of the file at ``path`` for a file-backed scheme, built without parsing (any file name works)."""
+    p = os.fspath(path)
+    return URL(raw=f"{scheme}:///{quote(p)}", scheme=scheme.lower(), username=None, password=None, host=None,
+               port=None, path=p, options=MappingProxyType(dict(options or {})))
 
 
 def _unquoted(value: str | None) -> str | None:

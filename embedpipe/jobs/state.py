@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from embedpipe import _sqlite
-from embedpipe._urls import URL, redact
+from embedpipe import _sqlite, registry
+from embedpipe._urls import URL, redact, redact_url
 from embedpipe.deadletters import DeadLetter
 from embedpipe.deadletters.sqlite import DEAD_LETTER_COLUMNS, DEAD_LETTER_SCHEMA, select_letters
 from embedpipe.errors import ConfigurationError
@@ -414,6 +414,23 @@ class JobState:
             return n
 
 
+def job_store_from(spec: str | os.PathLike[str] | JobState, *, readonly: bool = False,
+                   secrets: Iterable[str | None] = ()) -> JobState:
+    """The job state ``spec`` names: a path, a URL (a scheme of :data:`embedpipe.registry.job_stores`,
+    ``sqlite:///relative/_state.sqlite``), or a state (returned as is)."""
+    if isinstance(spec, JobState):
+        return spec
+    if isinstance(spec, str) and "://" in spec:
+        store = registry.job_stores.from_url(spec, readonly=readonly, secrets=secrets)
+        if not isinstance(store, JobState):
+            raise ConfigurationError(f"the job store factory for {redact_url(spec)!r} returned "
+                                     f"{type(store).__name__}, not a JobState")
+        return store
+    if not isinstance(spec, (str, os.PathLike)):
+        raise ConfigurationError(f"a job store is a path, a URL or a JobState, not {type(spec).__name__}")
+    return JobState(spec, readonly=readonly, secrets=secrets)
+
+
 def _try_lock(f: IO[bytes]) -> None:
     try:
         import fcntl
@@ -425,4 +442,4 @@ def _try_lock(f: IO[bytes]) -> None:
     fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
-__all__ = ["Failed", "JobState", "RunStats", "StoredRecord", "Written"]
+__all__ = ["Failed", "JobState", "RunStats", "StoredRecord", "Written", "job_store_from"]
