@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from embedpipe import registry
 from embedpipe._urls import redact_url
 from embedpipe.deadletters.memory import MemoryDeadLetterStore
-from embedpipe.deadletters.retry import RetryOutcome, aretry, retry
+from embedpipe.deadletters.retry import RetryOutcome, aretry, is_record_fault, retry, sort_out
 from embedpipe.deadletters.sqlite import SQLiteDeadLetterStore
 from embedpipe.deadletters.store import DeadLetter, DeadLetterStore
 from embedpipe.errors import ConfigurationError
@@ -37,8 +37,10 @@ __all__ = [
     "aretry",
     "aretry_dead_letters",
     "dead_letter_store_from",
+    "is_record_fault",
     "retry",
     "retry_dead_letters",
+    "sort_out",
 ]
 
 
