@@ -124,8 +124,11 @@ def _unquoted(value: str | None) -> str | None:
 _lock = threading.Lock()
 _registered: frozenset[str] = frozenset()
 
-# Shorter values are too likely to be ordinary words; a real key is far longer.
+# Shorter values are too likely to be ordinary words; a real key is far longer. A registered
+# secret cleans every message of the process, so it must be longer still: a test key such as
+# "test" would otherwise mask that word everywhere.
 _MIN_SECRET = 4
+_MIN_REGISTERED = 8
 
 _PATTERNS = (
     # scheme://user:password@host -> the password masked, the user kept (it says which account).
@@ -139,9 +142,12 @@ _PATTERNS = (
 
 
 def register_secret(value: str | None) -> None:
-    """Treat ``value`` (an API key, a password) as a secret in every text :func:`redact` cleans, from now on."""
+    """Treat ``value`` (an API key, a password) as a secret in every text :func:`redact` cleans, from now on.
+
+    Values shorter than 8 characters are ignored: masking them everywhere would mangle ordinary words.
+    """
     global _registered
-    if not value or len(value) < _MIN_SECRET:
+    if not value or len(value) < _MIN_REGISTERED:
         return
     with _lock:
         _registered = _registered | {value}

@@ -88,6 +88,8 @@ def test_redact_masks_secrets_passed_in_and_registered(monkeypatch: pytest.Monke
     monkeypatch.setattr(_urls, "_registered", frozenset())
     assert redact("token XYZSECRET9 here", ["XYZSECRET9", None, ""]) == "token *** here"
     assert redact("key tiny", ["key"]) == "key tiny"  # too short to be a secret: never masks words
+    register_secret("test")  # too short to clean every message with
+    assert redact("a test message") == "a test message"
     register_secret("custom-key-Q7Q7Q7")
     assert redact("the server said custom-key-Q7Q7Q7 is revoked") == "the server said *** is revoked"
     # Registering from many threads at once loses none.
