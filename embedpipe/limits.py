@@ -308,9 +308,10 @@ class MemoryRateLimiter(RateLimiter):
                     bucket.level = min(bucket.level, ceiling)
 
     @classmethod
-    def from_url(cls, url: URL, *, rpm: int | None, tpm: int | None, window: float,
-                 clock: Clock, sleep: Sleep) -> MemoryRateLimiter:
+    def from_url(cls, url: URL | str, *, rpm: int | None, tpm: int | None, window: float = 60.0,
+                 clock: Clock = time.monotonic, sleep: Sleep = asyncio.sleep) -> MemoryRateLimiter:
         """The limiter for ``memory://`` (the URL carries only the budgets, read by :func:`rate_limiter_from`)."""
+        url = parse_url(url, "rate limiter") if isinstance(url, str) else url
         url.check_options(_BUDGET_OPTIONS, "rate limiter")
         return cls(rpm=rpm, tpm=tpm, window=window, clock=clock, sleep=sleep)
 
@@ -457,8 +458,8 @@ class RedisRateLimiter(RateLimiter):
                 f"tpm={self.tpm}, window={self.window:g})")
 
     @classmethod
-    def from_url(cls, url: URL, *, rpm: int | None, tpm: int | None, window: float,
-                 clock: Clock, sleep: Sleep) -> RedisRateLimiter:
+    def from_url(cls, url: URL | str, *, rpm: int | None, tpm: int | None, window: float = 60.0,
+                 clock: Clock = time.monotonic, sleep: Sleep = asyncio.sleep) -> RedisRateLimiter:
         """The limiter for ``redis://host:port/db?key=NAME`` (also ``rediss://``, ``unix://``).
 
         ``key`` names the shared budget (default "default"); redis-py's own URL options
@@ -468,6 +469,7 @@ class RedisRateLimiter(RateLimiter):
             from redis.connection import URL_QUERY_ARGUMENT_PARSERS
         except ImportError as exc:
             raise ConfigurationError("the Redis rate limiter needs redis-py: pip install 'embedpipe[redis]'") from exc
+        url = parse_url(url, "rate limiter") if isinstance(url, str) else url
         url.check_options({"key", *_BUDGET_OPTIONS, *URL_QUERY_ARGUMENT_PARSERS}, "rate limiter")
         return cls(url.without_options("key", *_BUDGET_OPTIONS), key=url.options.get("key", "default"),
                    rpm=rpm, tpm=tpm, window=window, clock=clock, sleep=sleep)
