@@ -73,6 +73,7 @@ class JobDeadLetters(DeadLetterStore):
         return self.state.dead_letters()
 
     def remove(self, ids: Sequence[str]) -> None:
+        """Drop the letters and their dead records, as ``dlq purge`` does: a later run tries them again."""
         self.state.purge(list(ids))
 
     def clear(self) -> None:
