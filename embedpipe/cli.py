@@ -15,11 +15,12 @@ import logging
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode
 
 import click
 
 from embedpipe import __version__
+from embedpipe._urls import redact_url
 from embedpipe.errors import BudgetExceededError, ConfigurationError, EmbedPipeError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -346,7 +347,7 @@ def cache_stats(cache: str | None, out: str | None, state: str | None) -> None:
     backend = cache_from_url(url)
     try:
         st = backend.stats()
-        click.echo(f"cache     {_safe(url)} ({st.backend})")
+        click.echo(f"cache     {redact_url(url)} ({st.backend})")
         click.echo(f"entries   {'unknown' if st.entries is None else f'{st.entries:,}'}")
         size = _size(st.bytes)
         if isinstance(backend, SQLiteCache):
@@ -372,15 +373,6 @@ def cache_stats(cache: str | None, out: str | None, state: str | None) -> None:
     click.echo(f"hit rate  {last.cached / (last.cached + last.embedded):.1%} in the last run "
                f"({last.cached:,} of {last.cached + last.embedded:,} texts), {hits / total:.1%} over "
                f"{len(runs)} run(s)")
-
-
-def _safe(url: str) -> str:
-    # Never print a password from a Redis URL.
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 @cache.command("prune")

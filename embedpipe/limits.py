@@ -37,12 +37,13 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 if TYPE_CHECKING:  # redis-py is an optional extra: imported only where the Redis limiter runs
     import redis.asyncio
     from redis.commands.core import AsyncScript
 
+from embedpipe import registry
+from embedpipe._urls import URL, parse_url, redact_url
 from embedpipe.errors import ConfigurationError, EmbedPipeError
 
 __all__ = [
@@ -310,9 +311,11 @@ class MemoryRateLimiter(RateLimiter):
                     bucket.level = min(bucket.level, ceiling)
 
     @classmethod
-    def from_url(cls, url: str, *, rpm: int | None, tpm: int | None, window: float,
-                 clock: Clock, sleep: Sleep) -> MemoryRateLimiter:
-        """The limiter for ``memory://`` (the URL carries nothing else)."""
+    def from_url(cls, url: URL | str, *, rpm: int | None, tpm: int | None, window: float = 60.0,
+                 clock: Clock = time.monotonic, sleep: Sleep = asyncio.sleep) -> MemoryRateLimiter:
+        """The limiter for ``memory://`` (the URL carries only the budgets, read by :func:`rate_limiter_from`)."""
+        url = parse_url(url, "rate limiter") if isinstance(url, str) else url
+        url.check_options(_BUDGET_OPTIONS, "rate limiter")
         return cls(rpm=rpm, tpm=tpm, window=window, clock=clock, sleep=sleep)
 
 
@@ -454,22 +457,25 @@ class RedisRateLimiter(RateLimiter):
         self._cooldown_unsent = False
 
     def __repr__(self) -> str:
-        return (f"RedisRateLimiter({_redact(self.url)!r}, key={self.key!r}, rpm={self.rpm}, "
+        return (f"RedisRateLimiter({redact_url(self.url)!r}, key={self.key!r}, rpm={self.rpm}, "
                 f"tpm={self.tpm}, window={self.window:g})")
 
     @classmethod
-    def from_url(cls, url: str, *, rpm: int | None, tpm: int | None, window: float,
-                 clock: Clock, sleep: Sleep) -> RedisRateLimiter:
+    def from_url(cls, url: URL | str, *, rpm: int | None, tpm: int | None, window: float = 60.0,
+                 clock: Clock = time.monotonic, sleep: Sleep = asyncio.sleep) -> RedisRateLimiter:
         """The limiter for ``redis://host:port/db?key=NAME`` (also ``rediss://``, ``unix://``).
 
-        ``key`` names the shared budget (default "default"); other query options go to redis-py.
+        ``key`` names the shared budget (default "default"); redis-py's own URL options
+        (``socket_timeout``, ``max_connections``...) go to its client.
         """
-        parts = urlsplit(url)
-        query = parse_qsl(parts.query, keep_blank_values=True)
-        key = next((v for k, v in query if k == "key"), "default")
-        rest = urlencode([(k, v) for k, v in query if k != "key"])
-        return cls(urlunsplit(parts._replace(query=rest)), key=key, rpm=rpm, tpm=tpm,
-                   window=window, clock=clock, sleep=sleep)
+        try:
+            from redis.connection import URL_QUERY_ARGUMENT_PARSERS
+        except ImportError as exc:
+            raise ConfigurationError("the Redis rate limiter needs redis-py: pip install 'embedpipe[redis]'") from exc
+        url = parse_url(url, "rate limiter") if isinstance(url, str) else url
+        url.check_options({"key", *_BUDGET_OPTIONS, *URL_QUERY_ARGUMENT_PARSERS}, "rate limiter")
+        return cls(url.without_options("key", *_BUDGET_OPTIONS), key=url.options.get("key", "default"),
+                   rpm=rpm, tpm=tpm, window=window, clock=clock, sleep=sleep)
 
     def _connection(self) -> _Connection:
         loop = asyncio.get_running_loop()
@@ -494,7 +500,7 @@ class RedisRateLimiter(RateLimiter):
             reply = await script(keys=keys, args=args, client=client)
         except _redis_error() as exc:
             raise RateLimiterUnavailableError(
-                f"rate limiter store {_redact(self.url)} failed: {exc}"
+                f"rate limiter store {redact_url(self.url)} failed: {exc}"
             ) from exc
         return float(reply.decode() if isinstance(reply, bytes) else reply)
 
@@ -598,21 +604,10 @@ def _close_on(loop: asyncio.AbstractEventLoop, client: redis.asyncio.Redis) -> N
         loop.run_until_complete(client.aclose())
 
 
-def _redact(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")))
-
-
 # -- by URL --------------------------------------------------------------------------
 
-_BACKENDS: dict[str, Callable[..., RateLimiter]] = {
-    "memory": MemoryRateLimiter.from_url,
-    "redis": RedisRateLimiter.from_url,
-    "rediss": RedisRateLimiter.from_url,
-    "unix": RedisRateLimiter.from_url,
-}
+#: options every limiter URL may carry, read by :func:`rate_limiter_from`
+_BUDGET_OPTIONS = ("rpm", "tpm", "window")
 
 
 def rate_limiter_from(spec: RateLimiter | str | None, *, rpm: int | None = None,
@@ -623,8 +618,9 @@ def rate_limiter_from(spec: RateLimiter | str | None, *, rpm: int | None = None,
 
     ``spec`` is ``None`` (an in-process limiter if ``rpm`` or ``tpm`` is given, else no
     limiter), a :class:`RateLimiter` (returned as is), or a URL: ``memory://``,
-    ``redis://host:port/db?key=NAME``, ``rediss://...`` or ``unix://...``. A URL may carry
-    ``rpm``, ``tpm`` and ``window`` query options, used where the arguments are ``None``.
+    ``redis://host:port/db?key=NAME``, ``rediss://...`` or ``unix://...`` (the schemes of
+    :data:`embedpipe.registry.rate_limiters`). A URL may carry ``rpm``, ``tpm`` and ``window``
+    query options, used where the arguments are ``None``.
     """
     if spec is None:
         if rpm is None and tpm is None:
@@ -636,22 +632,19 @@ def rate_limiter_from(spec: RateLimiter | str | None, *, rpm: int | None = None,
         raise ConfigurationError(
             f"a rate limiter is a RateLimiter, a URL or None, not {type(spec).__name__}"
         )
-    parts = urlsplit(spec)
-    backend = _BACKENDS.get(parts.scheme)
-    if backend is None:
-        raise ConfigurationError(
-            f"unknown rate limiter URL {_redact(spec)!r}; use one of "
-            + ", ".join(f"{scheme}://" for scheme in _BACKENDS)
-        )
-    query = parse_qsl(parts.query, keep_blank_values=True)
-    options = {k: v for k, v in query if k in ("rpm", "tpm", "window")}
+    url = parse_url(spec, "rate limiter")
+    backend = registry.rate_limiters.factory(url.scheme, spec)
+    options = {k: v for k, v in url.options.items() if k in _BUDGET_OPTIONS}
     try:
         rpm = rpm if rpm is not None or "rpm" not in options else int(options["rpm"])
         tpm = tpm if tpm is not None or "tpm" not in options else int(options["tpm"])
         window = float(options["window"]) if "window" in options else window
     except ValueError:
-        raise ConfigurationError(f"invalid rpm, tpm or window in {_redact(spec)!r}") from None
+        raise ConfigurationError(f"invalid rpm, tpm or window in {redact_url(spec)!r}") from None
     if rpm is None and tpm is None:
-        raise ConfigurationError(f"the rate limiter {_redact(spec)!r} needs rpm or tpm")
-    url = urlunsplit(parts._replace(query=urlencode([(k, v) for k, v in query if k not in options])))
-    return backend(url, rpm=rpm, tpm=tpm, window=window, clock=clock, sleep=sleep)
+        raise ConfigurationError(f"the rate limiter {redact_url(spec)!r} needs rpm or tpm")
+    limiter = backend(url, rpm=rpm, tpm=tpm, window=window, clock=clock, sleep=sleep)
+    if not isinstance(limiter, RateLimiter):
+        raise ConfigurationError(f"the rate limiter factory for {redact_url(spec)!r} returned "
+                                 f"{type(limiter).__name__}, not a RateLimiter")
+    return limiter

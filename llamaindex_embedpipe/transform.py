@@ -16,14 +16,8 @@ from llama_index.core.storage.docstore.utils import doc_to_json, json_to_doc
 from llama_index.core.vector_stores.types import BasePydanticVectorStore
 
 from embedpipe import EmbeddingResult
-from embedpipe.deadletter import (
-    DeadLetter,
-    DeadLetterStore,
-    aretry_dead_letters,
-    dead_letter_store_from,
-    redact,
-    retry_dead_letters,
-)
+from embedpipe._urls import redact
+from embedpipe.deadletters import DeadLetter, DeadLetterStore, aretry, dead_letter_store_from, retry
 from embedpipe.errors import ConfigurationError
 from llamaindex_embedpipe.embedding import EmbedPipeEmbedding, _picklable_state
 
@@ -53,7 +47,7 @@ class EmbedPipeTransform(TransformComponent):
     ``embed_model`` is an :class:`EmbedPipeEmbedding`, a LlamaIndex model to wrap, or a core
     spec (``"openai:text-embedding-3-small"``); other keywords are pipeline options for the
     last two. ``dead_letter`` is where failures go: ``None`` (in memory), a SQLite path, a
-    ``sqlite:///...`` URL, or a :class:`~embedpipe.deadletter.DeadLetterStore`.
+    ``sqlite:///...`` URL, or a :class:`~embedpipe.deadletters.DeadLetterStore`.
 
     - A node whose embedding fails for good (after retries) becomes a dead letter (node id,
       ref doc id, text, metadata, reason, time) and is left out of the output, so the vector
@@ -168,10 +162,10 @@ class EmbedPipeTransform(TransformComponent):
             "excluded_llm_metadata_keys": _hidden(node.excluded_llm_metadata_keys),
         })
 
-    def _letter(self, node: BaseNode, text: str, reason: str) -> DeadLetter:
+    def _letter(self, node: BaseNode, text: str, reason: object) -> DeadLetter:
         bare = node.model_copy(update={"embedding": None})
         return DeadLetter(id=node.node_id, ref_id=node.ref_doc_id, text=text,
-                          reason=redact(reason, self.embed_model._secrets), metadata=dict(node.metadata),
+                          reason=redact(str(reason), self.embed_model._secrets), metadata=dict(node.metadata),
                           payload=json.dumps(doc_to_json(bare), default=str))
 
     # ------------------------------------------------------------------ retry
@@ -183,9 +177,8 @@ class EmbedPipeTransform(TransformComponent):
         changed or gone since they failed (their nodes are stale).
         """
         ids = self._fresh(self._store.all(), docstore)
-        recovered = retry_dead_letters(self._store, self.embed_model.pipeline, ids,
-                                       secrets=self.embed_model._secrets)
-        nodes = [self._restore(letter, vector) for letter, vector in recovered]
+        outcome = retry(self._store, self.embed_model.pipeline, ids, secrets=self.embed_model._secrets)
+        nodes = [self._restore(letter, vector) for letter, vector in outcome.recovered]
         if vector_store is not None and nodes:
             vector_store.add(nodes)
         return nodes
@@ -194,9 +187,8 @@ class EmbedPipeTransform(TransformComponent):
                                   docstore: BaseDocumentStore | None = None) -> list[BaseNode]:
         """Async twin of :meth:`retry_dead_letters`."""
         ids = self._fresh(await self._store.aall(), docstore)
-        recovered = await aretry_dead_letters(self._store, self.embed_model.pipeline, ids,
-                                              secrets=self.embed_model._secrets)
-        nodes = [self._restore(letter, vector) for letter, vector in recovered]
+        outcome = await aretry(self._store, self.embed_model.pipeline, ids, secrets=self.embed_model._secrets)
+        nodes = [self._restore(letter, vector) for letter, vector in outcome.recovered]
         if vector_store is not None and nodes:
             await vector_store.async_add(nodes)
         return nodes

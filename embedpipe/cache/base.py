@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from embedpipe._urls import URL
 from embedpipe.errors import CacheError, ConfigurationError
 from embedpipe.keys import text_keys
 
@@ -232,3 +233,22 @@ def parse_on_error(value: str | None) -> str:
     if v not in aliases:
         raise ConfigurationError(f"on_error={value!r}: use 'warn' (fail open) or 'raise' (fail closed)")
     return aliases[v]
+
+
+#: how each option a cache URL may carry is read
+_OPTION_PARSERS: dict[str, Any] = {
+    "ttl": parse_duration,
+    "max_bytes": parse_size,
+    "max_entries": lambda v: parse_size(v, "max_entries"),
+    "namespace": lambda v: v or None,
+    "timeout": lambda v: parse_duration(v, "timeout"),
+    "socket_timeout": lambda v: parse_duration(v, "socket_timeout"),
+    "on_error": parse_on_error,
+}
+
+
+def url_options(url: URL, known: Sequence[str]) -> dict[str, Any]:
+    """The constructor keywords a cache URL's query string gives; unknown options raise, listing ``known``."""
+    url.check_options(known, "cache")
+    opts = {name: _OPTION_PARSERS[name](value) for name, value in url.options.items()}
+    return {name: value for name, value in opts.items() if value is not None}

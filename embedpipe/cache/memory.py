@@ -7,7 +7,8 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 
-from embedpipe.cache.base import CacheBackend, CacheStats
+from embedpipe._urls import URL
+from embedpipe.cache.base import CacheBackend, CacheStats, url_options
 
 
 class MemoryCache(CacheBackend):
@@ -29,6 +30,11 @@ class MemoryCache(CacheBackend):
         self._data: OrderedDict[str, tuple[bytes, float | None]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
+
+    @classmethod
+    def from_url(cls, url: URL) -> MemoryCache:
+        """The cache ``memory://?max_entries=&max_bytes=&ttl=&namespace=`` names."""
+        return cls(**url_options(url, ("ttl", "max_bytes", "max_entries", "namespace")))
 
     def _now(self) -> float:
         return self._clock()  # type: ignore[operator,no-any-return]

@@ -8,7 +8,8 @@ import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from embedpipe.cache.base import CacheBackend, CacheStats
+from embedpipe._urls import URL, redact_url
+from embedpipe.cache.base import CacheBackend, CacheStats, url_options
 from embedpipe.errors import CacheUnavailableError, ConfigurationError
 
 log = logging.getLogger("embedpipe.cache")
@@ -47,6 +48,15 @@ class RedisCache(CacheBackend):
         self._warned = False
         self._warn_lock = threading.Lock()
 
+    @classmethod
+    def from_url(cls, url: URL) -> RedisCache:
+        """The cache ``redis://[:password@]host:port/db`` names (also ``rediss://``, ``unix://``).
+
+        Options: ``ttl``, ``namespace``, ``on_error`` (``warn`` or ``raise``), ``socket_timeout``.
+        """
+        opts = url_options(url, ("ttl", "namespace", "on_error", "socket_timeout"))
+        return cls(url.without_options(), **opts)
+
     def _fail(self, exc: BaseException, what: str) -> None:
         self._errors += 1
         if self.on_error == "raise":
@@ -58,11 +68,7 @@ class RedisCache(CacheBackend):
                             self._safe_url(), what, exc)
 
     def _safe_url(self) -> str:
-        # Never log a password embedded in the URL.
-        from urllib.parse import urlsplit
-        parts = urlsplit(self.url)
-        host = parts.hostname or ""
-        return f"{parts.scheme}://{host}:{parts.port or 6379}{parts.path}"
+        return redact_url(self.url)  # never log a password embedded in the URL
 
     def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         out: list[bytes | None] = []

@@ -10,7 +10,9 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from embedpipe.cache.base import CacheBackend, CacheStats
+from embedpipe import _sqlite
+from embedpipe._urls import URL
+from embedpipe.cache.base import CacheBackend, CacheStats, url_options
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
@@ -62,6 +64,12 @@ class SQLiteCache(CacheBackend):
         self.timeout = timeout
         self._init()
 
+    @classmethod
+    def from_url(cls, url: URL) -> SQLiteCache:
+        """The cache ``sqlite:///relative.db`` or ``sqlite:////absolute.db`` names (options: ttl, max_bytes...)."""
+        opts = url_options(url, ("ttl", "max_bytes", "namespace", "timeout"))
+        return cls(url.file_path("SQLite cache"), **opts)
+
     def _init(self) -> None:
         self._local = threading.local()
         self._conns: list[sqlite3.Connection] = []
@@ -69,9 +77,6 @@ class SQLiteCache(CacheBackend):
         self._touched: dict[str, float] = {}
         self._last_flush = time.monotonic()
         self._closed = False
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = self._conn()
-        conn.execute("PRAGMA journal_mode=WAL")
         self._write(lambda c: c.executescript(_SCHEMA), script=True)
 
     def _conn(self) -> sqlite3.Connection:
@@ -79,10 +84,8 @@ class SQLiteCache(CacheBackend):
         if conn is None:
             if self._closed:
                 raise RuntimeError(f"SQLite cache {self.path} is closed")
-            conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None,
-                                   check_same_thread=False)
-            conn.execute(f"PRAGMA busy_timeout={int(self.timeout * 1000)}")
-            conn.execute("PRAGMA synchronous=NORMAL")
+            # WAL is a property of the file: the first connection sets it for all.
+            conn = _sqlite.connect(self.path, timeout=self.timeout, wal=not self._conns)
             self._local.conn = conn
             with self._lock:
                 self._conns.append(conn)
@@ -91,17 +94,11 @@ class SQLiteCache(CacheBackend):
     def _write(self, fn: object, script: bool = False) -> None:
         conn = self._conn()
         if script:
-            fn(conn)  # type: ignore[operator]  # executescript manages its own transaction
+            with _sqlite.mapped_errors(self.path, self.timeout):
+                fn(conn)  # type: ignore[operator]  # executescript manages its own transaction
             return
-        # BEGIN IMMEDIATE takes the write lock up front, so two writers never deadlock
-        # upgrading a read lock; busy_timeout makes the loser wait instead of failing.
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with _sqlite.transaction(conn, self.path, self.timeout):
             fn(conn)  # type: ignore[operator]
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
 
     def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         if not keys:
@@ -249,8 +246,7 @@ class SQLiteCache(CacheBackend):
         with self._lock:
             conns, self._conns = self._conns, []
         for conn in conns:
-            with contextlib.suppress(sqlite3.Error):
-                conn.close()
+            _sqlite.close(conn)
         self._local = threading.local()
 
     def __del__(self) -> None:

@@ -3,20 +3,26 @@
 Letters live in the job's state (``OUT/_state.sqlite``) with the record's text and
 metadata, so a retry needs no source; it embeds with the model, dimensions and base URL
 the run recorded (options given here take precedence) and writes into the run's output.
+The retry itself is :func:`embedpipe.deadletters.retry`, the one the LlamaIndex transform
+uses; :class:`JobDeadLetters` is the queue as a store that settles into the job's output.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from embedpipe.deadletter import DeadLetter
+import numpy as np
+
+from embedpipe.deadletters import DeadLetter, DeadLetterStore, RetryOutcome, retry
 from embedpipe.errors import ConfigurationError
-from embedpipe.jobs.records import Record, chunked
-from embedpipe.jobs.runner import _DEFAULT, DEFAULT_CHUNK_SIZE, _Job, _secrets, build_pipeline, state_path_for
+from embedpipe.jobs.errors import JobAbortedError, JobConflictError
+from embedpipe.jobs.records import Entry, Record
+from embedpipe.jobs.runner import _DEFAULT, DEFAULT_CHUNK_SIZE, _secrets, build_pipeline, state_path_for
 from embedpipe.jobs.sinks import Sink, sink_from, sink_from_description
-from embedpipe.jobs.state import JobState
+from embedpipe.jobs.state import Failed, JobState, Written
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,72 @@ class RetryResult:
         if self.budget_exceeded:
             return 4
         return 3 if self.remaining else 0
+
+
+def _entry(letter: DeadLetter) -> Entry:
+    return Entry.of(Record(letter.id, letter.text, dict(letter.metadata)))
+
+
+class JobDeadLetters(DeadLetterStore):
+    """A job's dead-letter queue as a store: :meth:`settle` writes the recovered vectors into the job's output
+    and commits them, with the failures, in one state transaction (as a run commits a chunk)."""
+
+    def __init__(self, state: JobState, sink: Sink, spec: str, gen: int) -> None:
+        self.state = state
+        self.sink = sink
+        self.spec = spec
+        self.gen = gen
+        dims = state.get("dimensions")
+        self.dims = int(dims) if dims else None
+        #: what was written, for the sink's read-back check
+        self.sample: list[tuple[Entry, np.ndarray]] = []
+
+    def add(self, letters: Sequence[DeadLetter]) -> None:
+        self.state.commit(self.gen, [], [Failed(_entry(d), d.reason) for d in letters])
+
+    def get(self, ids: Sequence[str]) -> list[DeadLetter]:
+        found = {d.id: d for d in self.state.dead_letters(ids)}
+        return [found[i] for i in ids if i in found]
+
+    def all(self) -> list[DeadLetter]:
+        return self.state.dead_letters()
+
+    def remove(self, ids: Sequence[str]) -> None:
+        """Drop the letters and their dead records, as ``dlq purge`` does: a later run tries them again."""
+        self.state.purge(list(ids))
+
+    def clear(self) -> None:
+        self.state.purge()
+
+    def __len__(self) -> int:
+        return self.state.dead_letter_count()
+
+    def settle(self, outcome: RetryOutcome) -> None:
+        # As in a run: failures that are not the records' fault while the provider embedded nothing
+        # are an outage, and count as no attempt.
+        transient = {d.id for d in outcome.transient} if outcome.outage else set()
+        failed = [Failed(_entry(d), d.reason) for d in outcome.failed if d.id not in transient]
+        written: list[Written] = []
+        meta: dict[str, Any] = {}
+        if outcome.recovered:
+            entries = [_entry(letter) for letter, _ in outcome.recovered]
+            vectors = np.asarray([vector for _, vector in outcome.recovered], dtype=np.float32)
+            dims = int(vectors.shape[1])
+            if self.dims is not None and dims != self.dims:
+                raise JobConflictError(f"{self.spec} returned {dims}-dimensional vectors but the output holds "
+                                       f"{self.dims}-dimensional ones; pass --rebuild to start over")
+            self.dims = dims
+            receipt = self.sink.write(entries, vectors, self.spec)
+            written = [Written(e, loc) for e, loc in zip(entries, receipt.locs, strict=True)]
+            meta = {**receipt.meta, "dimensions": dims}
+            room = self.sink.verify_sample - len(self.sample)
+            self.sample += [(e, vectors[k].copy()) for k, e in enumerate(entries[:max(0, room)])]
+        self.state.commit(self.gen, written, failed, meta)
+        if transient:
+            raise JobAbortedError(
+                f"every request of a retry batch failed ({len(transient)} records): {outcome.transient[0].reason}. "
+                "The retry stopped; what was recovered is saved and those letters are unchanged. Fix the cause and "
+                "retry again")
 
 
 def open_state(out: Any = None, state: str | os.PathLike[str] | None = None, *,
@@ -99,19 +171,18 @@ def retry_dead_letters(out: Any = None, *, state: str | os.PathLike[str] | None 
             st.check_model(pipe.provider.spec, pipe.expected_dims)
             sink.bind(pipe)
             sink.open(st)
-            job = _Job(sink, st, pipe, chunk_size)
-            job.force = True
             runs = st.runs()
-            gen = runs[-1].gen if runs else 0
-            records = (Record(d.id, d.text, dict(d.metadata)) for d in st.dead_letters(ids))
-            job.embed_all(chunked(records, chunk_size), gen)
-            job.finish(gen, completed=False)
+            queue = JobDeadLetters(st, sink, pipe.provider.spec, runs[-1].gen if runs else 0)
+            outcome = retry(queue, pipe, ids, secrets=st.secrets, batch_size=chunk_size)
+            sink.compact(st)
+            if queue.sample:
+                sink.verify(queue.sample)
             stats = pipe.stats
-            return RetryResult(recovered=job.counts.written, failed=job.counts.dead,
+            return RetryResult(recovered=len(outcome.recovered), failed=len(outcome.failed),
                                remaining=st.dead_letter_count(), tokens=stats.tokens, cost_usd=stats.cost_usd,
-                               budget_exceeded=job.budget_hit)
+                               budget_exceeded=outcome.budget_exceeded)
         finally:
             pipe.close()
 
 
-__all__ = ["RetryResult", "dead_letters", "open_state", "purge_dead_letters", "retry_dead_letters"]
+__all__ = ["JobDeadLetters", "RetryResult", "dead_letters", "open_state", "purge_dead_letters", "retry_dead_letters"]

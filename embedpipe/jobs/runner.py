@@ -25,10 +25,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
+from embedpipe._urls import public_url
 from embedpipe.cache import CacheBackend
 from embedpipe.cost import cost_of
 from embedpipe.errors import BudgetExceededError, ConfigurationError
@@ -147,16 +147,6 @@ def state_path_for(sink: Sink, state: str | os.PathLike[str] | None) -> Path:
     if path is None:
         raise ConfigurationError(f"{sink!r} keeps no job state of its own: pass state='path/to/state.sqlite'")
     return path
-
-
-def _public_url(url: str | None) -> str | None:
-    # Kept in the state for `dlq retry`: never with credentials or a query that may carry a token.
-    if not url:
-        return None
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 def build_pipeline(model: str, *, sink: Sink | None = None, cache: Any = _DEFAULT, chunk_size: int,
@@ -488,7 +478,7 @@ def run(source: SourceLike, *, model: str, out: Any, state: str | os.PathLike[st
                 sink.open(st)
             with st.transaction() as db:
                 st.set_meta(db, model=spec, requested_dimensions=dimensions, sink=sink.describe(),
-                            base_url=_public_url(base_url))
+                            base_url=public_url(base_url))
             total = est.records if est is not None else src.count() if progress is not None else None
             job = _Job(sink, st, pipe, chunk_size, progress, total)
             gen = st.begin_run()

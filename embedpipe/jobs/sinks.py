@@ -8,6 +8,10 @@ crash cut off) are dropped when the sink compacts at the end of a run.
 Columns: ``id`` (string), ``vector`` (fixed-size list of float32), ``content_hash``
 (SHA-256 of the text, hex), ``model`` (the spec), ``dimensions`` (int32) and ``metadata``
 (JSON; an object in JSONL).
+
+A sink is a path (``.jsonl``/``.ndjson``: JSONL, anything else: a Parquet folder) or a URL
+whose scheme is the format (:data:`embedpipe.registry.sinks`): ``parquet:///vectors/``,
+``parquet:////abs/vectors/?part_rows=20000``, ``jsonl:///vectors.jsonl``.
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from embedpipe import registry
+from embedpipe._urls import URL, file_url, parse_url
+from embedpipe.errors import ConfigurationError
 from embedpipe.jobs.records import Entry
 
 if TYPE_CHECKING:
@@ -156,6 +163,17 @@ class ParquetSink(Sink):
         self.small_rows = small_rows
         self._prefix = ""
         self._seq = 0
+
+    @classmethod
+    def from_url(cls, url: URL) -> ParquetSink:
+        """The folder ``parquet:///relative`` or ``parquet:////absolute`` names (options: part_rows, small_rows)."""
+        url.check_options(("part_rows", "small_rows"), "sink")
+        rows: dict[str, int] = {}
+        for name, value in url.options.items():
+            if not value.isdigit() or int(value) < 1:
+                raise ConfigurationError(f"{name}={value!r} in the sink URL {url} must be a positive integer")
+            rows[name] = int(value)
+        return cls(url.file_path("sink"), **rows)
 
     def default_state_path(self) -> Path:
         return self.path / STATE_NAME
@@ -314,6 +332,12 @@ class JSONLSink(Sink):
         self._bytes = 0
         self._lines = 0
 
+    @classmethod
+    def from_url(cls, url: URL) -> JSONLSink:
+        """The file ``jsonl:///relative.jsonl`` or ``jsonl:////absolute.jsonl`` names (it takes no options)."""
+        url.check_options((), "sink")
+        return cls(url.file_path("sink"))
+
     def default_state_path(self) -> Path:
         return self.path.with_name(self.path.name + ".state.sqlite")
 
@@ -418,14 +442,20 @@ class JSONLSink(Sink):
 
 def sink_from(out: str | os.PathLike[str] | Sink | Any) -> Sink:
     """The sink ``out`` names: a path ending in ``.jsonl`` (JSONL), any other path (a Parquet folder),
-    a :class:`Sink`, or a LlamaIndex or LangChain vector store."""
+    a sink URL (a scheme of :data:`embedpipe.registry.sinks`), a :class:`Sink`, or a LlamaIndex or
+    LangChain vector store."""
     if isinstance(out, Sink):
         return out
     if isinstance(out, (str, os.PathLike)):
-        path = Path(out)
-        if path.suffix.lower() in (".jsonl", ".ndjson"):
-            return JSONLSink(path)
-        return ParquetSink(path)
+        if isinstance(out, str) and "://" in out:
+            url = parse_url(out, "sink")
+        else:
+            kind = "jsonl" if Path(out).suffix.lower() in (".jsonl", ".ndjson") else "parquet"
+            url = file_url(kind, out)
+        sink = registry.sinks.from_url(url)
+        if not isinstance(sink, Sink):
+            raise ConfigurationError(f"the sink factory for {url} returned {type(sink).__name__}, not a Sink")
+        return sink
     from embedpipe.jobs.stores import store_sink
 
     return store_sink(out)

@@ -2,6 +2,10 @@
 
 Every source yields :class:`~embedpipe.jobs.records.Record` objects one at a time and
 holds at most one batch of rows in memory, so a job's memory does not grow with the corpus.
+
+A source is a path (its format told by its suffix, or ``format=``) or a URL whose scheme
+is the format (:data:`embedpipe.registry.sources`): ``jsonl:///rel/corpus.txt``,
+``csv:////abs/rows.csv?id_field=doc_id&text_field=body``, ``parquet:///data/``, ``dir:///notes/``.
 """
 
 from __future__ import annotations
@@ -16,6 +20,9 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
+from embedpipe import registry
+from embedpipe._urls import URL, file_url, parse_url, redact_url
+from embedpipe.errors import ConfigurationError
 from embedpipe.jobs.errors import SourceError
 from embedpipe.jobs.records import Record
 
@@ -49,6 +56,13 @@ class _FieldSource(Source):
         self.name = str(path)
         self.id_field = id_field
         self.text_field = text_field
+
+    @classmethod
+    def from_url(cls, url: URL, *, id_field: str = "id", text_field: str = "text") -> _FieldSource:
+        """The source a ``format:///path`` URL names; ``?id_field=`` and ``?text_field=`` override the keywords."""
+        url.check_options(("id_field", "text_field"), "source")
+        return cls(url.file_path("source"), id_field=url.options.get("id_field") or id_field,
+                   text_field=url.options.get("text_field") or text_field)
 
     def record(self, row: Mapping[str, Any], where: str) -> Record:
         """The record a row holds. A missing id is an error (resume needs stable ids); a missing text is ``""``."""
@@ -137,6 +151,15 @@ class DirectorySource(Source):
         self.name = str(path)
         self.suffixes = suffixes
 
+    @classmethod
+    def from_url(cls, url: URL, **_fields: str) -> DirectorySource:
+        """The folder ``dir:///path`` names; ``?suffixes=.txt,.md,.rst`` picks the files read (id and text fields
+        do not apply: the id is the relative path)."""
+        url.check_options(("suffixes",), "source")
+        raw = url.options.get("suffixes")
+        suffixes = tuple(s.strip() for s in raw.split(",") if s.strip()) if raw else TEXT_SUFFIXES
+        return cls(url.file_path("source"), suffixes=suffixes)
+
     def _files(self) -> Iterator[Path]:
         if not self.path.is_dir():
             raise SourceError(f"source {self.path} is not a folder")
@@ -173,18 +196,29 @@ class IterableSource(Source):
         return len(self.items) if isinstance(self.items, (list, tuple)) else None
 
 
-_FORMATS = {"jsonl": JSONLSource, "csv": CSVSource, "parquet": ParquetSource}
-
-
 def source_from(source: str | os.PathLike[str] | Source | Iterable[Record | Mapping[str, Any]], *,
                 id_field: str = "id", text_field: str = "text", format: str | None = None) -> Source:
     """The source a path names, by ``format`` or else by suffix: ``.jsonl``/``.ndjson``, ``.csv``,
-    ``.parquet`` (each may end in ``.gz``, except Parquet), or a folder of text files."""
+    ``.parquet`` (each may end in ``.gz``, except Parquet), or a folder of text files; or the
+    source a ``format:///path`` URL names (any scheme of :data:`embedpipe.registry.sources`)."""
     if isinstance(source, Source):
         return source
     if not isinstance(source, (str, os.PathLike)):
         return IterableSource(source, id_field=id_field, text_field=text_field)
-    path = Path(source)
+    if isinstance(source, str) and "://" in source:
+        url = parse_url(source, "source")
+        if format is not None and format.lower() != url.scheme:
+            raise ConfigurationError(f"format={format!r} contradicts the source URL {redact_url(source)!r}")
+    else:
+        url = file_url(_format_of(Path(source), format), source)
+    built = registry.sources.from_url(url, id_field=id_field, text_field=text_field)
+    if not isinstance(built, Source):
+        raise ConfigurationError(f"the source factory for {url} returned {type(built).__name__}, not a Source")
+    return built
+
+
+def _format_of(path: Path, format: str | None) -> str:
+    """The format (a scheme of the source registry) of the file at ``path``: ``format``, else its suffix."""
     kind = format
     if kind is None:
         suffixes = [s.lower() for s in path.suffixes]
@@ -201,12 +235,10 @@ def source_from(source: str | os.PathLike[str] | Source | Iterable[Record | Mapp
             else:
                 raise SourceError(f"cannot tell the format of {path}; name it .jsonl, .csv or .parquet, "
                                   "or pass --format")
-    if kind == "dir":
-        return DirectorySource(path)
-    cls = _FORMATS.get(kind)
-    if cls is None:
-        raise SourceError(f"unknown source format {kind!r}; use jsonl, csv, parquet or dir")
-    return cls(path, id_field=id_field, text_field=text_field)
+    kind = kind.lower()
+    if kind not in registry.sources:
+        raise SourceError(f"unknown source format {kind!r}; use one of {', '.join(registry.sources.schemes())}")
+    return kind
 
 
 __all__ = ["CSVSource", "DirectorySource", "IterableSource", "JSONLSource", "ParquetSource", "Source",

@@ -4,15 +4,17 @@ It holds, per record id, the content and metadata hashes last written, the statu
 (``done`` or ``dead``), failed attempts, where the live output row is (``loc``) and the
 run generation that last read the record from the source (``seen``: records a finished
 run did not see are gone from the source). The dead-letter queue lives in the same file,
-in the table and shape :class:`embedpipe.deadletter.SQLiteDeadLetterStore` reads, and is
+in the table and shape :class:`embedpipe.deadletters.SQLiteDeadLetterStore` reads, and is
 written in the same transaction as the records it concerns. It stores records, never API
-keys: every reason passes through :func:`embedpipe.deadletter.redact` on the way in.
+keys: every reason passes through :func:`embedpipe._urls.redact` on the way in.
+
+The job-store registry (:data:`embedpipe.registry.job_stores`) opens it by URL:
+``sqlite:///relative/_state.sqlite`` or ``sqlite:////absolute/_state.sqlite``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sqlite3
 import time
@@ -21,7 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from embedpipe.deadletter import DEAD_LETTER_COLUMNS, DEAD_LETTER_SCHEMA, DeadLetter, redact
+from embedpipe import _sqlite, registry
+from embedpipe._urls import URL, redact, redact_url
+from embedpipe.deadletters import DeadLetter
+from embedpipe.deadletters.sqlite import DEAD_LETTER_COLUMNS, DEAD_LETTER_SCHEMA, select_letters
+from embedpipe.errors import ConfigurationError
 from embedpipe.jobs.errors import JobConflictError, JobLockedError
 from embedpipe.jobs.records import Entry
 
@@ -113,24 +119,38 @@ class JobState:
         self.readonly = readonly
         self.secrets = [s for s in secrets if s]
         self._lock_file: IO[bytes] | None = None
+        self.timeout = timeout
         if readonly or path is None:
             if path is None or not self.path.exists():
                 # An absent state is an empty one: an in-memory database with the schema.
-                self._db = sqlite3.connect(":memory:", isolation_level=None)
+                self._db = _sqlite.connect(":memory:", timeout=timeout, synchronous=None)
                 self._db.executescript(_SCHEMA)
                 return
             # A plain connection that this object never writes through: "mode=ro" cannot open a
             # WAL database whose -shm file is gone.
-            self._db = sqlite3.connect(self.path, isolation_level=None, timeout=timeout)
+            self._db = _sqlite.connect(self.path, timeout=timeout, wal=False, synchronous=None, create=False)
         else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.path, isolation_level=None, timeout=timeout)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            # NORMAL in WAL mode survives a killed process; a power cut can lose the last commits,
-            # which only makes a re-run redo (from the cache) what the sink already holds.
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(_SCHEMA)
-        self._db.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
+            # synchronous=NORMAL: a power cut can lose the last commits, which only makes a
+            # re-run redo (from the cache) what the sink already holds.
+            self._db = _sqlite.connect(self.path, timeout=timeout)
+            with _sqlite.mapped_errors(self.path, timeout):
+                self._db.executescript(_SCHEMA)
+
+    @classmethod
+    def from_url(cls, url: URL, *, readonly: bool = False, secrets: Iterable[str | None] = ()) -> JobState:
+        """The state ``sqlite:///relative/_state.sqlite`` or ``sqlite:////absolute/_state.sqlite`` names.
+
+        Option: ``timeout`` (seconds to wait for another process's write lock, default 30).
+        """
+        url.check_options(("timeout",), "job store")
+        try:
+            timeout = float(url.options.get("timeout", 30.0))
+        except ValueError:
+            timeout = -1.0
+        if timeout <= 0:
+            raise ConfigurationError(f"timeout={url.options['timeout']!r} in {url} must be a positive number of "
+                                     "seconds")
+        return cls(url.file_path("job store"), readonly=readonly, secrets=secrets, timeout=timeout)
 
     # ------------------------------------------------------------------ lifecycle
     def lock(self) -> None:
@@ -149,8 +169,7 @@ class JobState:
 
     def close(self) -> None:
         """Close the database and release the lock. Idempotent."""
-        with contextlib.suppress(sqlite3.Error):
-            self._db.close()
+        _sqlite.close(self._db)
         if self._lock_file is not None:
             self._lock_file.close()
             self._lock_file = None
@@ -164,14 +183,8 @@ class JobState:
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """One write transaction (``BEGIN IMMEDIATE``): all of it lands, or none."""
-        db = self._db
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with _sqlite.transaction(self._db, self.path, self.timeout) as db:
             yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
 
     # ------------------------------------------------------------------ meta
     def get(self, name: str) -> str | None:
@@ -294,7 +307,7 @@ class JobState:
                     "ON CONFLICT(id) DO UPDATE SET text=excluded.text, metadata=excluded.metadata, "
                     "reason=excluded.reason, attempts=dead_letters.attempts + 1, time=excluded.time",
                     [(f.entry.record.id, f.entry.record.text, f.entry.metadata_json,
-                      redact(f.reason, self.secrets), now) for f in failed])
+                      redact(str(f.reason), self.secrets), now) for f in failed])
                 for chunk in _chunks([f.entry.record.id for f in failed]):
                     db.execute(f"DELETE FROM pending_metadata WHERE id IN ({','.join('?' * len(chunk))})", chunk)
             if meta:
@@ -380,15 +393,7 @@ class JobState:
     # ------------------------------------------------------------------ dead letters
     def dead_letters(self, ids: Sequence[str] | None = None) -> list[DeadLetter]:
         """The dead letters (all, or those among ``ids``), oldest first."""
-        if ids is None:
-            rows = self._db.execute(f"SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters ORDER BY time, id").fetchall()
-        else:
-            rows = []
-            for chunk in _chunks(list(ids)):
-                rows += self._db.execute(f"SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters WHERE id IN "
-                                         f"({','.join('?' * len(chunk))}) ORDER BY time, id", chunk).fetchall()
-        return [DeadLetter(id=r[0], ref_id=r[1], text=r[2], metadata=json.loads(r[3]), payload=r[4], reason=r[5],
-                           attempts=int(r[6]), time=float(r[7])) for r in rows]
+        return select_letters(self._db, None if ids is None else list(ids))
 
     def dead_letter_count(self) -> int:
         """How many letters the queue holds."""
@@ -409,6 +414,23 @@ class JobState:
             return n
 
 
+def job_store_from(spec: str | os.PathLike[str] | JobState, *, readonly: bool = False,
+                   secrets: Iterable[str | None] = ()) -> JobState:
+    """The job state ``spec`` names: a path, a URL (a scheme of :data:`embedpipe.registry.job_stores`,
+    ``sqlite:///relative/_state.sqlite``), or a state (returned as is)."""
+    if isinstance(spec, JobState):
+        return spec
+    if isinstance(spec, str) and "://" in spec:
+        store = registry.job_stores.from_url(spec, readonly=readonly, secrets=secrets)
+        if not isinstance(store, JobState):
+            raise ConfigurationError(f"the job store factory for {redact_url(spec)!r} returned "
+                                     f"{type(store).__name__}, not a JobState")
+        return store
+    if not isinstance(spec, (str, os.PathLike)):
+        raise ConfigurationError(f"a job store is a path, a URL or a JobState, not {type(spec).__name__}")
+    return JobState(spec, readonly=readonly, secrets=secrets)
+
+
 def _try_lock(f: IO[bytes]) -> None:
     try:
         import fcntl
@@ -420,4 +442,4 @@ def _try_lock(f: IO[bytes]) -> None:
     fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
-__all__ = ["Failed", "JobState", "RunStats", "StoredRecord", "Written"]
+__all__ = ["Failed", "JobState", "RunStats", "StoredRecord", "Written", "job_store_from"]
