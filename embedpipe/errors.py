@@ -36,6 +36,9 @@ class Failure:
     def __post_init__(self) -> None:
         if self.kind not in FAILURE_KINDS:
             raise ValueError(f"Failure kind {self.kind!r} is not one of {FAILURE_KINDS}")
+        from embedpipe._urls import redact
+
+        object.__setattr__(self, "message", redact(self.message))
 
     def __str__(self) -> str:
         return self.message
@@ -47,7 +50,16 @@ class Failure:
 
 
 class EmbedPipeError(Exception):
-    """Base class of every embedpipe error."""
+    """Base class of every embedpipe error.
+
+    Every message passes through the one redactor (:func:`embedpipe._urls.redact`): an API key a
+    server echoed, a ``Bearer …`` token or a URL password never reaches a traceback or a log.
+    """
+
+    def __init__(self, *args: object) -> None:
+        from embedpipe._urls import redact  # _urls imports this module: a lazy import breaks the cycle
+
+        super().__init__(*(redact(a) if isinstance(a, str) else a for a in args))
 
 
 class InvalidInputError(EmbedPipeError, ValueError):

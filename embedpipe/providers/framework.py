@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from embedpipe._urls import register_secret
 from embedpipe.errors import ProviderError
 from embedpipe.providers.base import BatchResult, Provider, ProviderInfo, Role
 
@@ -90,6 +91,18 @@ def disable_retries(obj: Any) -> None:
             pass
 
 
+def register_secrets_of(obj: Any) -> None:
+    """Register the API key a wrapped model holds (LangChain's ``openai_api_key`` is a pydantic
+    ``SecretStr``; LlamaIndex keeps ``api_key`` as a plain string), so no message can leak it."""
+    for attr in ("openai_api_key", "api_key", "azure_ad_token", "cohere_api_key", "voyage_api_key"):
+        value = getattr(obj, attr, None)
+        reveal = getattr(value, "get_secret_value", None)
+        if callable(reveal):
+            value = reveal()
+        if isinstance(value, str):
+            register_secret(value)
+
+
 _warned: set[str] = set()
 
 
@@ -131,6 +144,7 @@ class FrameworkProvider(Provider):
         self._aembed_documents = aembed_documents
         self._aembed_query = aembed_query
         disable_retries(obj)
+        register_secrets_of(obj)
 
     def identity(self) -> dict[str, Any]:
         # Native dims as the wrapped object declares them (OpenAIEmbeddings(dimensions=256)).

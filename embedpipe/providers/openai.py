@@ -11,6 +11,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
+from embedpipe._urls import register_secret
 from embedpipe.cost import OPENAI_MODELS
 from embedpipe.errors import ConfigurationError, InvalidResponseError, ProviderError, RateLimitedError
 from embedpipe.providers.base import BatchResult, Provider, ProviderInfo, Role
@@ -111,6 +112,7 @@ class OpenAIProvider(Provider):
                     "self-hosted OpenAI-compatible server)")
             key = "no-key"  # self-hosted servers often need none; the SDK insists on a value
         self._api_key = key
+        register_secret(key)  # from now on no message embedpipe builds can carry it
         if dimensions is not None:
             if info is not None and not info.matryoshka:
                 raise ConfigurationError(f"{model} does not support dimensions=; only text-embedding-3 models do")
