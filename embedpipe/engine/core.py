@@ -72,7 +72,7 @@ from embedpipe.events import (
     Retried,
     next_call_id,
 )
-from embedpipe.keys import item_keys, key_material
+from embedpipe.keys import item_keys, key_material, text_keys
 from embedpipe.limits import RateLimiter, header_number
 from embedpipe.providers.base import BUG_EXCEPTIONS, Provider, Role
 from embedpipe.retry import make_retrying
@@ -140,6 +140,11 @@ class Engine:
         self._materials: dict[str, bytes] = {}
         self._semaphore: asyncio.Semaphore | None = None
         self._truncation_warned = False
+        #: single-flight: key -> the future of the call embedding it now. Touched only on the runner loop.
+        self._flights: dict[str, asyncio.Future[np.ndarray | None]] = {}
+        #: how many times calls finished embedding something; a call that read the cache before this
+        #: moved re-reads its misses, so a text finished in between is not paid again
+        self._epoch = 0
 
     # ------------------------------------------------------------------ settings
     @property
@@ -226,8 +231,10 @@ class Engine:
                 call.keys = self.cache.keys_for(material, call.unique, role)
         return call
 
-    def read_hits(self, call: Call, values: Sequence[bytes | None], seconds: float) -> list[int]:
-        """Apply cache values; count hits, misses, corrupt values; return the misses."""
+    def read_hits(self, call: Call, values: Sequence[bytes | None], seconds: float, epoch: int) -> list[int]:
+        """Apply cache values read when the engine's completion count was ``epoch``; count hits, misses,
+        corrupt values; return the misses."""
+        call.read_epoch = epoch
         misses, corrupt, hit_tokens = apply_hits(call, values, self.expected_dims)
         if corrupt:
             log.warning("embedpipe: %d cache value(s) failed to decode (corrupt, foreign or wrong dims); "
@@ -293,11 +300,11 @@ class Engine:
         call = self.begin(inputs, role, errors)
         try:
             values: Sequence[bytes | None] = [None] * len(call.unique)
-            t0 = time.perf_counter()
+            epoch, t0 = self._epoch, time.perf_counter()
             if self.cache is not None and call.keys:
                 with self.cache_guard(call, "read"):
                     values = self.cache.get_many(call.keys)
-            misses = self.read_hits(call, values, time.perf_counter() - t0)
+            misses = self.read_hits(call, values, time.perf_counter() - t0, epoch)
             if misses:
                 _runner.run_sync(self.embed_misses(call, misses))
             out, failures = self.finish(call)
@@ -310,11 +317,11 @@ class Engine:
         call = self.begin(inputs, role, errors)
         try:
             values: Sequence[bytes | None] = [None] * len(call.unique)
-            t0 = time.perf_counter()
+            epoch, t0 = self._epoch, time.perf_counter()
             if self.cache is not None and call.keys:
                 with self.cache_guard(call, "read"):
                     values = await self.cache.aget_many(call.keys)
-            misses = self.read_hits(call, values, time.perf_counter() - t0)
+            misses = self.read_hits(call, values, time.perf_counter() - t0, epoch)
             if misses:
                 await self.embed_misses(call, misses)
             out, failures = self.finish(call)
@@ -351,7 +358,92 @@ class Engine:
         return [u for u in range(len(call.unique)) if u not in hit]
 
     # ------------------------------------------------------------------ the async I/O loop
+    def _flight_keys(self, call: Call) -> list[str]:
+        """The key of each unique input: the cache key, or the same derivation when there is no cache."""
+        if call.keys is not None:
+            return call.keys
+        material = self.material(call.role)
+        texts = [(u, t) for u, t in enumerate(call.unique) if isinstance(t, str)]
+        keys = [""] * len(call.unique)
+        for (u, _), k in zip(texts, text_keys(material, [t for _, t in texts]), strict=True):
+            keys[u] = k
+        if call.has_items:
+            items = [(u, t) for u, t in enumerate(call.unique) if not isinstance(t, str)]
+            for (u, _), k in zip(items, item_keys(material, [t for _, t in items]), strict=True):
+                keys[u] = k
+        return keys
+
     async def embed_misses(self, call: Call, misses: list[int]) -> None:
+        """Embed ``misses``; inputs another call is embedding right now are awaited, not paid twice."""
+        keys = self._flight_keys(call)
+        if self.cache is not None and call.keys is not None and self._epoch != call.read_epoch:
+            # Some call finished since this one read the cache: what it wrote may be among our misses.
+            # Inputs still in flight are awaited below; any that land while we read are read again.
+            todo, misses = misses, []
+            while todo:
+                flying = [u for u in todo if keys[u] in self._flights]
+                misses += await self._reread(call, [u for u in todo if keys[u] not in self._flights])
+                todo = [u for u in flying if keys[u] not in self._flights]
+                misses += [u for u in flying if keys[u] in self._flights]
+        # No await from here until every own key is registered: the check and the claim are one step.
+        waits = {u: self._flights[keys[u]] for u in misses if keys[u] in self._flights}
+        own = [u for u in misses if u not in waits]
+        if waits:
+            # Answered by another call's request: deduped here, as a copy in this call would be.
+            call.stats.add(misses=-len(waits), deduped=len(waits))
+        loop = asyncio.get_running_loop()
+        mine: dict[int, asyncio.Future[np.ndarray | None]] = {}
+        for u in own:
+            mine[u] = self._flights[keys[u]] = loop.create_future()
+        try:
+            if own:
+                await self._embed_own(call, own, mine)
+        finally:
+            finished = False
+            for u, fut in mine.items():
+                if not fut.done():
+                    fut.set_result(call.vectors[u])
+                finished = finished or call.vectors[u] is not None
+                if self._flights.get(keys[u]) is fut:
+                    del self._flights[keys[u]]
+            if finished:
+                self._epoch += 1
+        again: list[int] = []
+        for u, fut in waits.items():
+            vector = await asyncio.shield(fut)
+            if vector is None:
+                again.append(u)  # the other call failed or was cancelled: embed it here
+            else:
+                call.vectors[u] = vector
+        if again:
+            call.stats.add(misses=len(again), deduped=-len(again))
+            await self.embed_misses(call, again)
+
+    async def _reread(self, call: Call, us: list[int]) -> list[int]:
+        """Read ``us`` from the cache again; apply what is there now and return the rest."""
+        if not us:
+            return us
+        assert self.cache is not None and call.keys is not None
+        values: Sequence[bytes | None] = [None] * len(us)
+        with self.cache_guard(call, "read"):
+            values = await self.cache.aget_many([call.keys[u] for u in us])
+        present = [k for k, v in enumerate(values) if v is not None]
+        if not present:
+            return us
+        decoded, _ = codec.decode_many([values[k] for k in present], self.expected_dims)  # type: ignore[misc]
+        found = 0
+        hit_tokens = 0
+        for row, (pos, tok) in enumerate(zip(decoded.positions, decoded.tokens, strict=True)):
+            u = us[present[pos]]
+            call.vectors[u] = decoded.vectors[row]
+            call.tokens[u] = tok
+            hit_tokens += tok
+            found += 1
+        call.stats.add(hits=found, misses=-found, saved_usd=cost_of(hit_tokens, self.price))
+        return [u for u in us if call.vectors[u] is None]
+
+    async def _embed_own(self, call: Call, misses: list[int], flights: dict[int, asyncio.Future[np.ndarray | None]]
+                         ) -> None:
         counts: dict[int, int] = {}                                  # unique -> pieces
         parts: dict[int, list[tuple[int, np.ndarray | None]]] = {}   # unique -> (tokens, vector) per piece
         done: dict[int, int] = {}
@@ -377,6 +469,9 @@ class Engine:
                 call.vectors[u] = vec
                 call.unique_failures.pop(u, None)
                 embedded += 1
+                fut = flights.get(u)
+                if fut is not None and not fut.done():
+                    fut.set_result(vec)
                 if call.keys is not None:
                     items.append((call.keys[u], codec.encode(vec, call.tokens[u])))
             if embedded:

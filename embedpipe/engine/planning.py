@@ -53,6 +53,8 @@ class Call:
     unique_failures: dict[int, Failure] = field(default_factory=dict)
     budget_exceeded: bool = False
     has_items: bool = False
+    #: the engine's completion count when this call read the cache (single-flight re-reads if it moved)
+    read_epoch: int = 0
 
 
 def _show(idx: list[int]) -> str:
