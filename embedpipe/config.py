@@ -64,6 +64,7 @@ class PipelineConfig:
     tpm: int | None = None
     rate_limiter: Any = None
     max_retries: int = 6
+    max_rate_limit_wait: float | None = 300.0
     timeout: float | None = 60.0
     max_batch_tokens: int | None = None
     on_long_input: str = "split"
@@ -87,6 +88,8 @@ class PipelineConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ConfigurationError(f"{name}={value!r} must be a positive integer")
+        if self.max_rate_limit_wait is not None and not self.max_rate_limit_wait >= 0:
+            raise ConfigurationError(f"max_rate_limit_wait={self.max_rate_limit_wait!r} must be >= 0 seconds or None")
         if not isinstance(self.max_retries, int) or self.max_retries < 0:
             raise ConfigurationError(f"max_retries={self.max_retries!r} must be >= 0")
         if self.budget_usd is not None and self.budget_usd < 0:

@@ -132,6 +132,9 @@ class RateLimiter:
         self.rpm = rpm
         self.tpm = tpm
         self.window = float(window)
+        #: when the store behind the limiter fails: "warn" (fail open: the pipeline falls back to a
+        #: local limiter at the same rpm/tpm) or "raise" (fail closed); a URL's ``?on_error=`` sets it
+        self.on_error = "warn"
         self._clock = clock
         self._sleep = sleep
         # Guards the state of this object; never held across an await.
@@ -140,6 +143,10 @@ class RateLimiter:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(rpm={self.rpm}, tpm={self.tpm}, window={self.window:g})"
+
+    def clock(self) -> float:
+        """Now, on the clock this limiter measures its windows with."""
+        return self._clock()
 
     @property
     def max_tokens_per_request(self) -> int | None:
@@ -473,9 +480,14 @@ class RedisRateLimiter(RateLimiter):
         except ImportError as exc:
             raise ConfigurationError("the Redis rate limiter needs redis-py: pip install 'embedpipe[redis]'") from exc
         url = parse_url(url, "rate limiter") if isinstance(url, str) else url
-        url.check_options({"key", *_BUDGET_OPTIONS, *URL_QUERY_ARGUMENT_PARSERS}, "rate limiter")
-        return cls(url.without_options("key", *_BUDGET_OPTIONS), key=url.options.get("key", "default"),
-                   rpm=rpm, tpm=tpm, window=window, clock=clock, sleep=sleep)
+        url.check_options({"key", "on_error", *_BUDGET_OPTIONS, *URL_QUERY_ARGUMENT_PARSERS}, "rate limiter")
+        limiter = cls(url.without_options("key", "on_error", *_BUDGET_OPTIONS), key=url.options.get("key", "default"),
+                      rpm=rpm, tpm=tpm, window=window, clock=clock, sleep=sleep)
+        if "on_error" in url.options:
+            from embedpipe.cache.base import parse_on_error
+
+            limiter.on_error = parse_on_error(url.options["on_error"])
+        return limiter
 
     def _connection(self) -> _Connection:
         loop = asyncio.get_running_loop()

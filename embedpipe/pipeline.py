@@ -36,6 +36,8 @@ class EmbeddingPipeline:
     a backend object, or ``None``; by default ``$EMBEDPIPE_CACHE`` or a SQLite file in
     the user's cache directory. ``cache_queries=False`` leaves queries uncached.
     ``hooks`` are callables that receive every :mod:`embedpipe.events` event.
+    ``max_retries`` bounds retries of errors; 429s instead retry until their waits add up to
+    ``max_rate_limit_wait`` seconds (``None``: 429s count as retries).
     Every option is kept in ``.config``, a :class:`~embedpipe.PipelineConfig`.
     """
 
@@ -44,7 +46,8 @@ class EmbeddingPipeline:
                  cache: str | CacheBackend | None = _DEFAULT, namespace: str | None = None,
                  batch_size: int | None = None, max_concurrency: int | None = None, rpm: int | None = None,
                  tpm: int | None = None, rate_limiter: Any = None, max_retries: int = 6,
-                 timeout: float | None = 60.0, max_batch_tokens: int | None = None,
+                 max_rate_limit_wait: float | None = 300.0, timeout: float | None = 60.0,
+                 max_batch_tokens: int | None = None,
                  on_long_input: OnLongInput = "split", budget_usd: float | None = None,
                  price_per_1m_tokens: float | None = None, api_key: str | None = None, base_url: str | None = None,
                  errors: Errors = "raise", cache_queries: bool = True, retry_wait: Any = None,
@@ -53,7 +56,8 @@ class EmbeddingPipeline:
         config = PipelineConfig(
             model=model, dimensions=dimensions, cache=DEFAULT_CACHE if cache is _DEFAULT else cache,
             namespace=namespace, batch_size=batch_size, max_concurrency=max_concurrency, rpm=rpm, tpm=tpm,
-            rate_limiter=rate_limiter, max_retries=max_retries, timeout=timeout, max_batch_tokens=max_batch_tokens,
+            rate_limiter=rate_limiter, max_retries=max_retries, max_rate_limit_wait=max_rate_limit_wait,
+            timeout=timeout, max_batch_tokens=max_batch_tokens,
             on_long_input=on_long_input, budget_usd=budget_usd, price_per_1m_tokens=price_per_1m_tokens,
             base_url=base_url, errors=errors, cache_queries=cache_queries, credentials=credentials,
             provider_options=provider_options or {}, hooks=tuple(hooks), retry_wait=retry_wait, sleep=sleep)
@@ -107,7 +111,8 @@ class EmbeddingPipeline:
             max_batch_tokens=config.max_batch_tokens or info.max_batch_tokens,
             max_concurrency=config.max_concurrency or info.default_concurrency, max_retries=config.max_retries,
             retry_wait=config.retry_wait, sleep=config.sleep, on_long_input=config.on_long_input,  # type: ignore[arg-type]
-            errors=config.errors, cache_queries=config.cache_queries, price_per_1m=price)  # type: ignore[arg-type]
+            errors=config.errors, cache_queries=config.cache_queries, price_per_1m=price,  # type: ignore[arg-type]
+            max_rate_limit_wait=config.max_rate_limit_wait)
         self._closed = False
         # Close only what this pipeline built from a spec or URL: objects passed in belong
         # to the caller, who may share them between pipelines.

@@ -31,6 +31,7 @@ class Stats:
     rate_limited: int = 0    #: responses that were 429
     corrupt: int = 0         #: cache values that failed to decode and were re-embedded
     cache_errors: int = 0    #: cache reads or writes that failed (fail-open)
+    limiter_errors: int = 0  #: rate-limiter store failures (fail-open: a local limiter took over)
     truncated: int = 0       #: inputs cut to the model's limit (on_long_input="truncate")
     split: int = 0           #: inputs embedded as several windows (on_long_input="split")
     failed: int = 0          #: inputs that could not be embedded

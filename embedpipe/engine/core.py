@@ -73,7 +73,7 @@ from embedpipe.events import (
     next_call_id,
 )
 from embedpipe.keys import item_keys, key_material, text_keys
-from embedpipe.limits import RateLimiter, header_number
+from embedpipe.limits import MemoryRateLimiter, RateLimiter, RateLimiterUnavailableError, header_number
 from embedpipe.providers.base import BUG_EXCEPTIONS, Provider, Role
 from embedpipe.retry import make_retrying
 from embedpipe.stats import Stats
@@ -84,6 +84,8 @@ log = logging.getLogger("embedpipe")
 REQUESTS_PER_TOKEN_BUCKET = 8
 #: consecutive wrong-dimension answers to one request before it is a configuration error
 WRONG_DIMS_LIMIT = 3
+#: seconds the local stand-in limits alone before the shared limiter's store is tried again
+LIMITER_RETRY_SECONDS = 5.0
 
 Result = tuple[np.ndarray, dict[int, Failure], bool, Stats]
 
@@ -112,7 +114,7 @@ class Engine:
                  hooks: Hooks, dimensions: int | None, namespace: str | None, batch_size: int,
                  max_batch_tokens: int | None, max_concurrency: int, max_retries: int, retry_wait: Any,
                  sleep: Callable[[float], Any] | None, on_long_input: OnLongInput, errors: Errors,
-                 cache_queries: bool, price_per_1m: float | None) -> None:
+                 cache_queries: bool, price_per_1m: float | None, max_rate_limit_wait: float | None = 300.0) -> None:
         self.provider = provider
         self.info = provider.info
         self.spec = provider.spec
@@ -132,6 +134,7 @@ class Engine:
         self.errors: Errors = errors
         self.cache_queries = cache_queries
         self.price = price_per_1m
+        self.max_rate_limit_wait = max_rate_limit_wait
         self.total = Stats()
         if price_per_1m is None:
             self.total.cost_usd = self.total.saved_usd = None
@@ -145,6 +148,12 @@ class Engine:
         #: how many times calls finished embedding something; a call that read the cache before this
         #: moved re-reads its misses, so a text finished in between is not paid again
         self._epoch = 0
+        #: the local limiter that stands in while the shared one's store is down (fail open)
+        self._fallback: RateLimiter | None = None
+        self._limiter_down_until = -1.0
+        #: after a 429, one request at a time probes until one succeeds (see :meth:`send`)
+        self._storm = False
+        self._probe: asyncio.Lock | None = None
 
     # ------------------------------------------------------------------ settings
     @property
@@ -524,7 +533,6 @@ class Engine:
         got: dict[int, np.ndarray] = {}
         pending = list(range(len(batch)))
         wrong_dims = 0
-        limiter = self.limiter
         hooks = self.hooks
 
         def before_sleep(state: Any) -> None:
@@ -536,42 +544,14 @@ class Engine:
 
         try:
             async for attempt in make_retrying(self.max_retries, wait=self.retry_wait, sleep=self.sleep,
-                                               before_sleep=before_sleep):
+                                               before_sleep=before_sleep,
+                                               max_rate_limit_wait=self.max_rate_limit_wait):
                 with attempt:
-                    inputs = [batch[k].text for k in pending]
-                    est = sum(batch[k].tokens for k in pending)
-                    waited = await limiter.acquire(est)
-                    if waited and hooks:
-                        self.emit(LimiterWaited(self.spec, call.id, waited))
-                    call.stats.add(requests=1)
-                    if hooks:
-                        self.emit(RequestSent(self.spec, call.id, len(inputs), est))
-                    t0 = time.perf_counter()
-                    try:
-                        result = await self.provider.aembed_batch(inputs, call.role)
-                    except Exception as raw:
-                        # A failed request bills nothing: give its tokens back.
-                        await limiter.reconcile(est, 0)
-                        exc = self._map_provider_error(raw)
-                        if exc.headers:
-                            limiter.update_from_headers(exc.headers)
-                        if isinstance(exc, RateLimitedError):
-                            call.stats.add(rate_limited=1)
-                            if exc.retry_after:
-                                limiter.cooldown(exc.retry_after)
-                            if hooks:
-                                self.emit(RateLimited(self.spec, call.id, float(exc.retry_after or 0.0)))
-                        if hooks:
-                            self.emit(RequestDone(self.spec, call.id, len(inputs), 0, 0.0 if self.price is not None
-                                                  else None, time.perf_counter() - t0, exc.status))
-                        if exc is raw:
-                            raise
-                        raise exc from raw
-                    seconds = time.perf_counter() - t0
+                    # During a 429 storm one request at a time probes (after the shared cooldown), so
+                    # probes come at about one per retry-after instead of one per waiting request.
+                    async with self._storm_gate():
+                        result, est, inputs, seconds = await self._attempt(call, batch, pending)
                     billed = result.tokens if result.tokens is not None else est
-                    await limiter.reconcile(est, billed)
-                    if result.headers:
-                        limiter.update_from_headers(result.headers)
                     # Billed whether or not the answer is usable.
                     cost = cost_of(billed, self.price)
                     self.budget.spend(cost or 0.0)
@@ -603,6 +583,95 @@ class Engine:
         finally:
             self.budget.release(reserved)
         return got, None
+
+    @contextlib.asynccontextmanager
+    async def _storm_gate(self) -> Any:
+        if not self._storm:
+            yield
+            return
+        if self._probe is None:
+            self._probe = asyncio.Lock()
+        async with self._probe:
+            yield
+
+    async def _attempt(self, call: Call, batch: list[Piece], pending: list[int]) -> tuple[Any, int, list[Any], float]:
+        """One request: the limiter, the provider, and what the limiter learns from the answer."""
+        hooks = self.hooks
+        inputs = [batch[k].text for k in pending]
+        est = sum(batch[k].tokens for k in pending)
+        waited = await self._acquire(call, est)
+        if waited and hooks:
+            self.emit(LimiterWaited(self.spec, call.id, waited))
+        call.stats.add(requests=1)
+        if hooks:
+            self.emit(RequestSent(self.spec, call.id, len(inputs), est))
+        t0 = time.perf_counter()
+        try:
+            result = await self.provider.aembed_batch(inputs, call.role)
+        except Exception as raw:
+            # A failed request bills nothing: give its tokens back.
+            await self._reconcile(call, est, 0)
+            exc = self._map_provider_error(raw)
+            limiter = self._limiter()
+            if exc.headers:
+                limiter.update_from_headers(exc.headers)
+            if isinstance(exc, RateLimitedError):
+                self._storm = True
+                call.stats.add(rate_limited=1)
+                if exc.retry_after:
+                    limiter.cooldown(exc.retry_after)
+                if hooks:
+                    self.emit(RateLimited(self.spec, call.id, float(exc.retry_after or 0.0)))
+            if hooks:
+                self.emit(RequestDone(self.spec, call.id, len(inputs), 0, 0.0 if self.price is not None else None,
+                                      time.perf_counter() - t0, exc.status))
+            if exc is raw:
+                raise
+            raise exc from raw
+        self._storm = False
+        seconds = time.perf_counter() - t0
+        billed = result.tokens if result.tokens is not None else est
+        await self._reconcile(call, est, billed)
+        if result.headers:
+            self._limiter().update_from_headers(result.headers)
+        return result, est, inputs, seconds
+
+    # ------------------------------------------------------------------ the limiter, failing open
+    def _limiter(self) -> RateLimiter:
+        if self._fallback is not None and self.limiter.clock() < self._limiter_down_until:
+            return self._fallback
+        return self.limiter
+
+    def _limiter_failed(self, call: Call, exc: RateLimiterUnavailableError) -> RateLimiter:
+        """The shared limiter's store failed: count it, and hand back the local stand-in (fail open)."""
+        call.stats.add(limiter_errors=1)
+        if self._fallback is None:
+            log.warning("embedpipe: %s; falling back to a local limiter at the same rpm/tpm (counted in "
+                        "stats.limiter_errors; pass ?on_error=raise to fail closed)", exc)
+            self._fallback = MemoryRateLimiter(rpm=self.limiter.rpm, tpm=self.limiter.tpm, window=self.limiter.window)
+        # Try the shared store again after a few seconds: it usually comes back.
+        self._limiter_down_until = self.limiter.clock() + LIMITER_RETRY_SECONDS
+        return self._fallback
+
+    async def _acquire(self, call: Call, tokens: int) -> float:
+        limiter = self._limiter()
+        try:
+            return await limiter.acquire(tokens)
+        except RateLimiterUnavailableError as exc:
+            if limiter is not self.limiter or self.limiter.on_error == "raise":
+                raise
+            return await self._limiter_failed(call, exc).acquire(tokens)
+
+    async def _reconcile(self, call: Call, charged: int, actual: int) -> None:
+        """Settle a charge. A response that arrived is kept whatever the limiter's store does."""
+        limiter = self._limiter()
+        try:
+            await limiter.reconcile(charged, actual)
+        except RateLimiterUnavailableError as exc:
+            if self.limiter.on_error == "raise":
+                call.stats.add(limiter_errors=1)
+            else:
+                await self._limiter_failed(call, exc).reconcile(charged, actual)
 
     def _emit_response(self, call: Call, headers: Any, inputs: int, billed: int, cost: float | None,
                        seconds: float, status: int | None) -> None:
