@@ -131,3 +131,44 @@ def openai_server() -> Iterator[Any]:
 
     with OpenAITestServer() as server:
         yield server
+
+
+class PrivateRedis:
+    """A redis-server of the test's own on a free port, that the test may kill and restart."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.server = shutil.which("redis-server")
+        if self.server is None:
+            pytest.skip("redis-server is not on PATH")
+        self.port = _free_port()
+        self.dir = tmp
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        assert self.server is not None
+        self.proc = subprocess.Popen([self.server, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                      "--appendonly", "no", "--dir", str(self.dir)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(100):
+            if _redis_alive(self.url):
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"private redis-server on port {self.port} did not start")
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(5)
+            self.proc = None
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    """A private redis-server (never the shared one on 6379), started; killed at the end."""
+    server = PrivateRedis(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
