@@ -21,7 +21,9 @@ endpoint does can be switched on, at construction or between calls:
   otherwise good 200;
 * OpenAI's validation errors: empty input, context length, dimensions, and
   "poison" substrings that make any request containing them fail;
-* fixed and per-token latency.
+* fixed and per-token latency;
+* Azure OpenAI's path, ``/openai/deployments/{name}/embeddings`` (``api-version``
+  ignored; the model is the body's, else the deployment's name).
 
 Per-request faults (:data:`FaultKind`) are queued with ``fail_next``/``script``
 or drawn with ``set_fault_rate``; per-row ones (``nan_rows``, ``corrupt``) and
@@ -1017,6 +1019,7 @@ class _EmbeddingsApp:
         routes = [
             Route("/v1/embeddings", self._embeddings, methods=["POST"]),
             Route("/embeddings", self._embeddings, methods=["POST"]),
+            Route("/openai/deployments/{deployment}/embeddings", self._embeddings, methods=["POST"]),
             Route("/v1/models", self._models, methods=["GET"]),
             Route("/models", self._models, methods=["GET"]),
             Route("/_ledger", self._ledger, methods=["GET"]),
@@ -1140,6 +1143,10 @@ class _EmbeddingsApp:
                 outcome = await self._wait(config.stall_seconds, request.receive)
                 if outcome != "elapsed":
                     return self._abandon(outcome)
+
+            deployment = request.path_params.get("deployment")
+            if deployment and isinstance(body, dict) and not body.get("model"):
+                body["model"] = deployment  # Azure: the deployment names the model
 
             # Tokenizing big batches is CPU work: keep it off the loop so other requests proceed.
             parsed = await asyncio.to_thread(_parse_request, body, config)

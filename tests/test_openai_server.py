@@ -170,6 +170,18 @@ def test_token_array_inputs_embed_their_text(client: openai.OpenAI, server: Open
     assert server.ledger.times_billed[TEXTS[0]] == 2
 
 
+def test_azure_deployment_path(server: OpenAITestServer) -> None:
+    azure = openai.AzureOpenAI(azure_endpoint=server.url, azure_deployment="my-deployment", api_key="test",
+                               api_version="2024-02-01", max_retries=0)
+    with azure:
+        named = azure.embeddings.create(model=DEFAULT_MODEL, input="hello")
+        assert np.array_equal(np.asarray(named.data[0].embedding, dtype=np.float32), expected_vector("hello", 1536))
+    with httpx.Client(base_url=server.url, timeout=5) as raw:
+        response = raw.post("/openai/deployments/local-minilm/embeddings?api-version=2024-02-01", json={"input": "x"})
+    assert response.json()["model"] == "local-minilm"  # no model in the body: the deployment's name
+    assert len(response.json()["data"][0]["embedding"]) == 384
+
+
 def test_unknown_model_and_paths_without_v1(server: OpenAITestServer) -> None:
     with httpx.Client(base_url=server.url, timeout=5) as raw:
         response = raw.post("/embeddings", json={"model": "local-minilm", "input": "hi"})
