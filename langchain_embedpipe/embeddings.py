@@ -72,6 +72,10 @@ class EmbedPipeEmbeddings(Embeddings):
             model = wrap(underlying, warn_unnamed=not (options.get("namespace") or keyed_elsewhere))
         assert model is not None
         self.pipeline = EmbeddingPipeline(model, cache_queries=cache_queries, **options)
+        cache = self.pipeline.cache
+        if isinstance(cache, ByteStoreCache) and cache.count_tokens is None:
+            # JSON entries CacheBackedEmbeddings wrote carry no token count: count as the model does.
+            cache.count_tokens = self.pipeline.provider.tokenizer.count
 
     @classmethod
     def from_bytes_store(cls, underlying_embeddings: Embeddings, document_embedding_cache: ByteStore, *,
