@@ -220,3 +220,16 @@ def test_classify_exception_on_real_failures() -> None:
     assert classify_exception(download.value, api_hosts={TIKTOKEN_HOST}).retryable
     # Without knowing the API's host, embedpipe cannot tell and keeps the old rule.
     assert classify_exception(download.value).retryable
+
+
+@pytest.mark.parametrize("fault", ["truncated", "not_json"])
+@pytest.mark.parametrize("wrapped", ["langchain-openai"], indirect=True)
+def test_a_200_that_is_not_json_is_retried_not_blamed_on_an_input(wrapped: Wrapper, openai_server: OpenAITestServer,
+                                                                  fault: str) -> None:
+    wrapper = wrapped(batch_size=4)
+    texts = ["one", "two", "three", "four"]
+    openai_server.control.fail_next(fault, times=2)
+    vectors = wrapper.embed_documents(texts)
+    np.testing.assert_allclose(vectors, [expected_vector(t, 1536) for t in texts], atol=1e-6)
+    assert wrapper.stats.retries == 2
+    assert openai_server.ledger.requests_total == 3  # the same batch again, never split
