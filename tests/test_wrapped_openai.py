@@ -163,6 +163,8 @@ def test_langchains_length_check_is_embedpipes_own_offline(wrapped: Wrapper, ope
         assert len(wrapper.embed_documents([text])[0]) == 1536
         assert wrapper.stats.retries == 0 and wrapper.stats.split == 1
         assert max(openai_server.ledger.tokens_billed.values()) <= 100
+        # Wrapped again (its check now off), it keeps its limit.
+        assert EmbedPipeEmbeddings(inner, cache=None).pipeline.provider.max_input_tokens == 100
     finally:
         _runner.run_sync(inner.async_client._client.close())
         inner.client._client.close()

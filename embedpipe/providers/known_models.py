@@ -126,10 +126,14 @@ def adopt(obj: Any) -> KnownModel | None:
     if family.length_check is not None:
         flag, ctx_attr, tiktoken_attr, tiktoken_model_attr = family.length_check
         ctx = getattr(obj, ctx_attr, None)
-        if getattr(obj, flag, False) and getattr(obj, tiktoken_attr, False) and isinstance(ctx, int):
-            tokenizer_model = getattr(obj, tiktoken_model_attr, None) or model
-            encoding = encoding_name_for_model(tokenizer_model)
+        # Its limit and tokenizer apply whether or not its check is on (or was switched off by
+        # an earlier wrap of the same object).
+        if isinstance(ctx, int) and ctx > 0:
             limit = min(limit, ctx) if limit is not None else ctx
+        tokenizer_model = getattr(obj, tiktoken_model_attr, None)
+        if isinstance(tokenizer_model, str) and tokenizer_model:
+            encoding = encoding_name_for_model(tokenizer_model)
+        if getattr(obj, flag, False) and getattr(obj, tiktoken_attr, False):
             try:
                 setattr(obj, flag, False)
             except Exception:  # a frozen model keeps its check (and needs tiktoken's download)
