@@ -57,6 +57,8 @@ class KnownModel:
     encoding: str
     #: host names the wrapped object sends its API requests to
     api_hosts: frozenset[str]
+    #: an Azure class: its model name labels a deployment, which decides the output width
+    azure: bool = False
 
     @property
     def price_per_1m_tokens(self) -> float | None:
@@ -65,8 +67,8 @@ class KnownModel:
 
     @property
     def dimensions(self) -> int | None:
-        """The model's native output length, if known."""
-        return self.info.dimensions if self.info is not None else None
+        """The model's native output length, if known (for Azure, learned from the first answer)."""
+        return self.info.dimensions if self.info is not None and not self.azure else None
 
 
 def _family(obj: Any) -> _Family | None:
@@ -140,4 +142,6 @@ def adopt(obj: Any) -> KnownModel | None:
                 log.warning("embedpipe: could not set %s.%s = False; it will tokenise with tiktoken "
                             "itself, which downloads its ranks", type(obj).__name__, flag)
     hosts = api_hosts_of(obj, *family.url_attrs) or frozenset({OPENAI_API_HOST})
-    return KnownModel(model=model, info=info, max_input_tokens=limit, encoding=encoding, api_hosts=hosts)
+    azure = any(cls.__name__.startswith("Azure") for cls in type(obj).__mro__)
+    return KnownModel(model=model, info=info, max_input_tokens=limit, encoding=encoding, api_hosts=hosts,
+                      azure=azure)
