@@ -243,7 +243,10 @@ class OpenAIProvider(Provider):
             emb = d.embedding
             # Servers that ignore encoding_format send float arrays: accept both.
             if isinstance(emb, str):
-                rows.append(np.frombuffer(base64.b64decode(emb), dtype="<f4"))
+                try:
+                    rows.append(np.frombuffer(base64.b64decode(emb), dtype="<f4"))
+                except ValueError as exc:
+                    raise InvalidResponseError(f"undecodable base64 embedding at index {d.index}: {exc}") from None
             else:
                 rows.append(np.asarray(emb, dtype=np.float32))
             if rows[-1].ndim != 1:
