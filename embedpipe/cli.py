@@ -43,7 +43,7 @@ def _handle_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except BudgetRefusedError as exc:
-            _print_estimate(exc.estimate)
+            # The estimate is already on screen: jobs.run hands it to on_estimate before refusing.
             _fail(f"refused: {exc}", EXIT_BUDGET)
         except BudgetExceededError as exc:
             _fail(str(exc), EXIT_BUDGET)

@@ -2,51 +2,36 @@
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 from langchain_core.embeddings import DeterministicFakeEmbedding, Embeddings, FakeEmbeddings
 from langchain_core.stores import ByteStore
 
 from embedpipe import EmbeddingPipeline, Provider, Stats
-from embedpipe.cost import OPENAI_MODELS, ModelInfo
 from embedpipe.errors import ConfigurationError
 from embedpipe.providers.framework import FrameworkProvider
 from langchain_embedpipe.store_cache import ByteStoreCache, KeyEncoder, ValueFormat
 
 
-def _openai_facts(underlying: Embeddings) -> ModelInfo | None:
-    """What embedpipe knows of a LangChain ``OpenAIEmbeddings``' model: price, input limit, dims."""
-    openai = sys.modules.get("langchain_openai")  # loaded whenever such an object exists
-    if openai is None or not isinstance(underlying, openai.OpenAIEmbeddings):
-        return None
-    return OPENAI_MODELS.get(underlying.model)
-
-
-def _declared_dims(underlying: Embeddings, info: ModelInfo | None) -> int | None:
-    """The output length a LangChain model states without being called (``None`` when it does not)."""
-    if isinstance(underlying, (DeterministicFakeEmbedding, FakeEmbeddings)):
-        return underlying.size
-    return info.dimensions if info is not None else None
-
-
 def wrap(underlying: Embeddings, *, warn_unnamed: bool = True) -> FrameworkProvider:
-    """The core's provider over a LangChain ``Embeddings``, awaiting its own async methods where it has them."""
+    """The core's provider over a LangChain ``Embeddings``, awaiting its own async methods where it has them.
+
+    The core recognises ``OpenAIEmbeddings`` and ``AzureOpenAIEmbeddings`` (price, input
+    limit, tokenizer, dimensions); LangChain's fake models state their size here.
+    """
     cls = type(underlying)
     # Embeddings' default aembed_* run the blocking method in an executor: leave those to
     # the core's worker thread and await only the methods the class implements itself.
     own_adocs = cls.aembed_documents is not Embeddings.aembed_documents
     own_aquery = cls.aembed_query is not Embeddings.aembed_query
-    info = _openai_facts(underlying)
     provider = FrameworkProvider(
         underlying, framework="langchain",
         embed_documents=underlying.embed_documents, embed_query=underlying.embed_query,
         aembed_documents=underlying.aembed_documents if own_adocs else None,
         aembed_query=underlying.aembed_query if own_aquery else None,
-        max_input_tokens=info.max_input_tokens if info else None,
-        price_per_1m_tokens=info.price_per_1m_tokens if info else None,
         warn_unnamed=warn_unnamed)
-    provider.dimensions = provider.dimensions or _declared_dims(underlying, info)
+    if provider.dimensions is None and isinstance(underlying, (DeterministicFakeEmbedding, FakeEmbeddings)):
+        provider.dimensions = underlying.size
     return provider
 
 
@@ -59,7 +44,9 @@ class EmbedPipeEmbeddings(Embeddings):
     ``dimensions``, ``rpm``, ``tpm``, ``max_concurrency``, ``budget_usd``, ``max_retries``...
 
     Queries are cached like documents (``cache_queries=False`` turns that off). A wrapped
-    model's own retries are switched off, so they never stack on embedpipe's. To keep
+    model's own retries are switched off, so they never stack on embedpipe's; so is
+    ``OpenAIEmbeddings``' own length check, since embedpipe splits long texts itself
+    (offline: its tokenizer ships with it, where LangChain's downloads one). To keep
     using a store that ``CacheBackedEmbeddings`` filled, see :meth:`from_bytes_store`.
     """
 
@@ -85,6 +72,10 @@ class EmbedPipeEmbeddings(Embeddings):
             model = wrap(underlying, warn_unnamed=not (options.get("namespace") or keyed_elsewhere))
         assert model is not None
         self.pipeline = EmbeddingPipeline(model, cache_queries=cache_queries, **options)
+        cache = self.pipeline.cache
+        if isinstance(cache, ByteStoreCache) and cache.count_tokens is None:
+            # JSON entries CacheBackedEmbeddings wrote carry no token count: count as the model does.
+            cache.count_tokens = self.pipeline.provider.tokenizer.count
 
     @classmethod
     def from_bytes_store(cls, underlying_embeddings: Embeddings, document_embedding_cache: ByteStore, *,

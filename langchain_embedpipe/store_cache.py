@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import uuid
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from typing import Literal
 
@@ -38,6 +40,12 @@ LANGCHAIN_NAMESPACE_UUID = uuid.UUID(int=1985)
 # Keys of a separate query store carry this tag between keys_for() and the store calls;
 # it never reaches a store. No LangChain key encoder yields a NUL.
 _QUERY_TAG = "\x00query\x00"
+
+# Texts of keys asked for but not yet read back (see ByteStoreCache._pending); past this
+# many, the oldest are forgotten: a JSON hit whose text is forgotten counts 0 tokens saved.
+_MAX_PENDING = 100_000
+
+TokenCounter = Callable[[list[str]], list[int]]
 
 
 def langchain_key_encoder(namespace: str = "", key_encoder: KeyEncoder = "sha1") -> Callable[[str], str]:
@@ -84,8 +92,10 @@ class ByteStoreCache(CacheBackend):
     * ``"langchain"``: LangChain's JSON float list, so ``CacheBackedEmbeddings`` and
       embedpipe can share the store both ways.
 
-    Entries in either format are read. A JSON entry is read as float32 and carries no token
-    count, so ``saved_usd`` does not count its hits. The core's dims check applies to it:
+    Entries in either format are read. A JSON entry is read as float32; it carries no token
+    count, so its text is counted with ``count_tokens`` (the wrapped model's tokenizer when
+    :class:`EmbedPipeEmbeddings` builds the pipeline, else cl100k_base), and ``saved_usd``
+    counts its hits like any other. The core's dims check applies to it:
     one of another length is re-embedded. A model that states no dimensions (LangChain has
     no way to ask) learns them from its first response; until then only entries of one
     length per call are accepted. ``clear()`` removes every key under ``namespace`` (the
@@ -93,8 +103,16 @@ class ByteStoreCache(CacheBackend):
     """
 
     def __init__(self, store: ByteStore, *, namespace: str = "", key_encoder: KeyEncoder = "sha1",
-                 query_store: ByteStore | None = None, value_format: ValueFormat = "embedpipe") -> None:
+                 query_store: ByteStore | None = None, value_format: ValueFormat = "embedpipe",
+                 count_tokens: TokenCounter | None = None) -> None:
         super().__init__()
+        self.count_tokens = count_tokens
+        # LangChain's keys are hashes, so a JSON hit's text (to count its tokens) is known only
+        # from keys_for(): key -> text, held until get_many reads the key back, with a count of
+        # the lookups still to come (two concurrent calls may ask for one text).
+        self._pending: dict[str, str] = {}
+        self._pending_refs: Counter[str] = Counter()
+        self._pending_lock = threading.Lock()
         if value_format not in ("embedpipe", "langchain"):
             raise ConfigurationError(f"value_format={value_format!r}: use 'embedpipe' (compact) or "
                                      "'langchain' (JSON, readable by CacheBackedEmbeddings)")
@@ -115,7 +133,27 @@ class ByteStoreCache(CacheBackend):
     def keys_for(self, material: bytes, texts: Sequence[str], role: str) -> list[str]:
         # LangChain's keys name the text only: ``material`` (model, role) is not in them.
         tag = _QUERY_TAG if role == "query" and self.query_store is not None else ""
-        return [tag + self.encode_key(t) for t in texts]
+        keys = [tag + self.encode_key(t) for t in texts]
+        with self._pending_lock:
+            for key, text in zip(keys, texts, strict=True):
+                self._pending[key] = text
+                self._pending_refs[key] += 1
+            while len(self._pending) > _MAX_PENDING:  # keys asked for and never read (an import)
+                oldest = next(iter(self._pending))
+                del self._pending[oldest], self._pending_refs[oldest]
+        return keys
+
+    def _texts_read(self, keys: Sequence[str]) -> list[str | None]:
+        """The texts of ``keys`` (``None`` where unknown), forgetting those no lookup still needs."""
+        with self._pending_lock:
+            texts = [self._pending.get(k) for k in keys]
+            for key in keys:
+                if key in self._pending_refs:
+                    self._pending_refs[key] -= 1
+                    if self._pending_refs[key] <= 0:
+                        del self._pending_refs[key]
+                        self._pending.pop(key, None)
+        return texts
 
     def _route(self, keys: Sequence[str]) -> list[tuple[ByteStore, list[int], list[str]]]:
         """Split tagged keys into (store, positions, store keys) groups."""
@@ -130,15 +168,35 @@ class ByteStoreCache(CacheBackend):
                 for query, (idx, raw) in groups.items() if idx]
 
     # -- values -------------------------------------------------------------------------
-    @staticmethod
-    def _read(value: bytes | None) -> bytes | None:
-        """A stored value in embedpipe's codec; a LangChain JSON list is converted (tokens unknown: 0)."""
-        if value is None or value[:2] == codec.MAGIC:
-            return value
-        try:
-            return codec.encode(np.asarray(json.loads(value), dtype=np.float32), 0)
-        except (ValueError, TypeError):
-            return value  # not a vector: the core counts it corrupt and re-embeds
+    def _read_all(self, keys: Sequence[str], values: list[bytes | None]) -> list[bytes | None]:
+        """Stored values in embedpipe's codec; LangChain JSON lists converted, their texts' tokens counted."""
+        texts = self._texts_read(keys)
+        converted: list[tuple[int, np.ndarray]] = []
+        for i, value in enumerate(values):
+            if value is None or value[:2] == codec.MAGIC:
+                continue
+            try:
+                vector = np.asarray(json.loads(value), dtype=np.float32)
+            except (ValueError, TypeError):
+                continue  # not a vector: the core counts it corrupt and re-embeds
+            if vector.ndim == 1:
+                converted.append((i, vector))
+        if not converted:
+            return values
+        known = [(i, text) for i, _ in converted if (text := texts[i]) is not None]
+        tokens = dict(zip([i for i, _ in known], self._counter()([t for _, t in known]), strict=True))
+        out = list(values)
+        for i, vector in converted:
+            out[i] = codec.encode(vector, tokens.get(i, 0))
+        return out
+
+    def _counter(self) -> TokenCounter:
+        if self.count_tokens is None:
+            from embedpipe.tokens import TiktokenTokenizer
+
+            # The core's default tokenizer, as Provider.tokenizer's.
+            self.count_tokens = TiktokenTokenizer.for_encoding("cl100k_base").count
+        return self.count_tokens
 
     def _written(self, items: Sequence[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
         if self.value_format == "embedpipe" or not items:
@@ -152,7 +210,8 @@ class ByteStoreCache(CacheBackend):
         out: list[bytes | None] = [None] * len(keys)
         for store, idx, raw in self._route(keys):
             for i, value in zip(idx, store.mget(raw), strict=True):
-                out[i] = self._read(value)
+                out[i] = value
+        out = self._read_all(keys, out)
         self._count(out)
         return out
 
@@ -179,7 +238,8 @@ class ByteStoreCache(CacheBackend):
         out: list[bytes | None] = [None] * len(keys)
         for store, idx, raw in self._route(keys):
             for i, value in zip(idx, await store.amget(raw), strict=True):
-                out[i] = self._read(value)
+                out[i] = value
+        out = self._read_all(keys, out)
         self._count(out)
         return out
 
@@ -191,6 +251,19 @@ class ByteStoreCache(CacheBackend):
     async def adelete(self, keys: Sequence[str]) -> None:
         for store, _, raw in self._route(keys):
             await store.amdelete(raw)
+
+    # -- pickling: the pending texts and their lock stay in this process ---------------------
+    def __getstate__(self) -> dict[str, object]:
+        state = self.__dict__.copy()
+        for name in ("_pending", "_pending_refs", "_pending_lock"):
+            state.pop(name, None)
+        return state
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        self._pending = {}
+        self._pending_refs = Counter()
+        self._pending_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return (f"ByteStoreCache({type(self.store).__name__}, namespace={self.key_prefix!r}, "

@@ -9,10 +9,32 @@ endpoint does can be switched on, at construction or between calls:
   OpenAI's ``x-ratelimit-*`` headers and ``retry-after-ms`` on 429;
 * scripted faults ("the next 3 requests fail with 503") and seeded random
   faults: 429, 500, 503, ``insufficient_quota``, stalls, dropped connections,
-  shuffled ``data``, NaN vectors, wrong dimensions, wrong item count;
+  shuffled ``data``, NaN vectors, wrong dimensions (one row, or every row of
+  one response), wrong item count;
+* malformed 200s, as proxies and broken upstreams send them: an HTML page
+  (``html``), a body that is not JSON (``not_json``), JSON cut off mid-way
+  (``truncated``), items without their ``embedding`` (``missing_embedding``);
+* an error that echoes the request's ``Authorization`` header (``echo_auth``),
+  as some gateways do, for testing that keys never leak;
+* NaN in a given fraction of rows, drawn per row (``nan_rows``), and
+  ``corrupt`` substrings whose inputs always come back as NaN inside an
+  otherwise good 200;
 * OpenAI's validation errors: empty input, context length, dimensions, and
   "poison" substrings that make any request containing them fail;
-* fixed and per-token latency.
+* fixed and per-token latency;
+* Azure OpenAI's path, ``/openai/deployments/{name}/embeddings`` (``api-version``
+  ignored; the model is the body's, else the deployment's name).
+
+Per-request faults (:data:`FaultKind`) are queued with ``fail_next``/``script``
+or drawn with ``set_fault_rate``; per-row ones (``nan_rows``, ``corrupt``) and
+everything else are :class:`ServerConfig` fields set with ``configure``.  Both
+work alike in process (:class:`ServerControl`) and out of it
+(:class:`RemoteControl`)::
+
+    server.control.fail_next("html", times=2)       # two proxy pages, then good answers
+    server.control.fail_next("wrong_dims_all")      # one response of 1535-d vectors
+    server.control.configure(nan_rows=0.01)          # 1% of rows carry a NaN
+    server.control.configure(corrupt=["BAD ROW"])    # texts holding it always come back NaN
 
 Vectors are deterministic (see :func:`expected_vector`), and a ledger records
 what a real provider would have billed, so tests can assert on cost as well as
@@ -125,7 +147,13 @@ FaultKind = Literal[
     "shuffle",
     "nan",
     "wrong_dims",
+    "wrong_dims_all",
     "wrong_count",
+    "html",
+    "not_json",
+    "truncated",
+    "missing_embedding",
+    "echo_auth",
 ]
 """A fault the server can inject into one embeddings request.
 
@@ -134,8 +162,15 @@ FaultKind = Literal[
 before handling the request normally (and gives up, billing nothing, if the
 client disconnects first).  ``drop`` closes the connection without answering;
 ``drop_after`` does the work and bills it, then closes the connection, as when
-a response is lost on the way back.  ``shuffle``, ``nan``, ``wrong_dims`` and
-``wrong_count`` corrupt an otherwise successful (and billed) 200.
+a response is lost on the way back.  ``shuffle``, ``nan``, ``wrong_dims`` (one
+row one element short), ``wrong_dims_all`` (every row one element short: 1535-d
+for a 1536-d model), ``wrong_count``, ``truncated`` (the JSON cut in half) and
+``missing_embedding`` (items with ``object`` and ``index`` only) corrupt an
+otherwise successful (and billed) 200.  ``html`` (a ``text/html`` login page)
+and ``not_json`` (``application/json`` whose body is plain text) are what a
+proxy in front of the provider answers: status 200, nothing billed.
+``echo_auth`` answers ``echo_auth_status`` (401 by default) with a message that
+repeats the request's ``Authorization`` header verbatim.
 """
 
 FAULT_KINDS: Final[tuple[FaultKind, ...]] = get_args(FaultKind)
@@ -303,6 +338,12 @@ class ServerConfig:
     """Most tokens summed over one request's inputs."""
     poison: tuple[str, ...] = ()
     """Substrings that make any request containing them fail with an input-specific 400."""
+    corrupt: tuple[str, ...] = ()
+    """Substrings whose inputs always come back with a NaN in their vector (in a billed 200)."""
+    nan_rows: float = 0.0
+    """Probability, drawn per row of every 200, that the row carries a NaN (other rows stay valid)."""
+    echo_auth_status: int = 401
+    """HTTP status of the ``echo_auth`` fault's error (401; 500 makes it retryable)."""
     latency: float = 0.0
     """Seconds added before every successful answer."""
     latency_per_token: float = 0.0
@@ -340,12 +381,20 @@ class ServerConfig:
             rates[kind] = rates.get(kind, 0.0) + float(probability)
         if sum(rates.values()) > 1.0 + 1e-9:
             raise ValueError(f"fault rates sum to more than 1: {rates}")
-        poison = (self.poison,) if isinstance(self.poison, str) else tuple(self.poison)
-        if any(not marker for marker in poison):
-            raise ValueError("poison substrings must be non-empty")
+        markers: dict[str, tuple[str, ...]] = {}
+        for name in ("poison", "corrupt"):
+            value = getattr(self, name)
+            markers[name] = (value,) if isinstance(value, str) else tuple(value)
+            if any(not marker for marker in markers[name]):
+                raise ValueError(f"{name} substrings must be non-empty")
+        if not 0.0 <= self.nan_rows <= 1.0:
+            raise ValueError(f"nan_rows must be a probability in [0, 1], got {self.nan_rows}")
+        if not 400 <= self.echo_auth_status <= 599:
+            raise ValueError(f"echo_auth_status must be an HTTP error status, got {self.echo_auth_status}")
         # Frozen dataclass: normalised values are written around the freeze.
         object.__setattr__(self, "fault_rates", rates)
-        object.__setattr__(self, "poison", poison)
+        object.__setattr__(self, "poison", markers["poison"])
+        object.__setattr__(self, "corrupt", markers["corrupt"])
         object.__setattr__(self, "model_dims", {str(k): int(v) for k, v in self.model_dims.items()})
 
     def native_dims(self, model: str) -> int:
@@ -356,6 +405,7 @@ class ServerConfig:
         """Return the configuration as JSON-compatible data (accepted back by ``ServerConfig(**data)``)."""
         data = dataclasses.asdict(self)
         data["poison"] = list(self.poison)
+        data["corrupt"] = list(self.corrupt)
         return data
 
 
@@ -417,6 +467,8 @@ class LedgerSnapshot:
     """Requests whose client disconnected while the server was waiting (stall, latency)."""
     stalls: int
     """Stall faults applied."""
+    rows_corrupted: int = 0
+    """Rows sent with a NaN because of ``nan_rows`` or ``corrupt`` (not the ``nan`` fault)."""
 
     @property
     def requests_ok(self) -> int:
@@ -457,6 +509,7 @@ class _Ledger:
     connections_dropped: int = 0
     requests_abandoned: int = 0
     stalls: int = 0
+    rows_corrupted: int = 0
 
     def snapshot(self) -> LedgerSnapshot:
         return LedgerSnapshot(
@@ -468,6 +521,7 @@ class _Ledger:
             connections_dropped=self.connections_dropped,
             requests_abandoned=self.requests_abandoned,
             stalls=self.stalls,
+            rows_corrupted=self.rows_corrupted,
         )
 
 
@@ -634,6 +688,19 @@ class ServerControl(_FaultShortcuts):
             # A shuffle fault must be visible: never hand back the original order.
             order.reverse()
         return order
+
+    def _corrupt_rows(self, texts: Sequence[str]) -> list[int]:
+        """Pick the rows of a 200 that get a NaN: ``corrupt`` matches always, others with ``nan_rows``."""
+        config = self._config
+        rows = []
+        with self._lock:
+            for row, text in enumerate(texts):
+                # Draw only when nan_rows is on, so other seeded runs see the same fault sequence.
+                drawn = config.nan_rows > 0 and self._rng.random() < config.nan_rows
+                if drawn or any(marker in text for marker in config.corrupt):
+                    rows.append(row)
+            self._ledger.rows_corrupted += len(rows)
+        return rows
 
     def _admit(self, tokens: int) -> _Admission:
         """Take one request and ``tokens`` tokens from the buckets, or say why and for how long not."""
@@ -855,32 +922,62 @@ def _encode_vector(vector: npt.NDArray[np.float32], encoding_format: Literal["fl
     return vector.tolist()
 
 
+def _wrong_width(vector: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    """Return ``vector`` one element short (or two elements long, when it has only one)."""
+    return vector[:-1] if vector.shape[0] > 1 else np.zeros(2, np.float32)
+
+
+def _with_nan(vector: npt.NDArray[np.float32], position: int) -> npt.NDArray[np.float32]:
+    corrupted = vector.copy()
+    corrupted[position] = np.nan
+    return corrupted
+
+
 def _build_payload(request: _EmbeddingRequest, fault: FaultKind | None, control: ServerControl) -> bytes:
-    """Render the 200 body, corrupted as ``fault`` says."""
+    """Render the 200 body, corrupted as ``fault`` and the per-row settings say."""
     vectors = [_cached_vector(text, request.dims, request.model) for text in request.texts]
+    for row in control._corrupt_rows(request.texts):
+        vectors[row] = _with_nan(vectors[row], row % request.dims)
     order = list(range(len(vectors)))
     if fault == "nan":
         victim = control._random_index(len(vectors))
-        vectors[victim] = vectors[victim].copy()
-        vectors[victim][control._random_index(request.dims)] = np.nan
+        vectors[victim] = _with_nan(vectors[victim], control._random_index(request.dims))
     elif fault == "wrong_dims":
         victim = control._random_index(len(vectors))
-        vectors[victim] = vectors[victim][: request.dims - 1] if request.dims > 1 else np.zeros(2, np.float32)
+        vectors[victim] = _wrong_width(vectors[victim])
+    elif fault == "wrong_dims_all":
+        vectors = [_wrong_width(vector) for vector in vectors]
     elif fault == "shuffle":
         order = control._permutation(len(vectors))
     elif fault == "wrong_count":
         order = order[:-1]
+    items: list[dict[str, object]] = [
+        {"object": "embedding", "index": i, "embedding": _encode_vector(vectors[i], request.encoding_format)}
+        for i in order
+    ]
+    if fault == "missing_embedding":
+        items = [{"object": "embedding", "index": i} for i in order]
     payload = {
         "object": "list",
-        "data": [
-            {"object": "embedding", "index": i, "embedding": _encode_vector(vectors[i], request.encoding_format)}
-            for i in order
-        ],
+        "data": items,
         "model": request.model,
         "usage": {"prompt_tokens": request.total_tokens, "total_tokens": request.total_tokens},
     }
-    # allow_nan: the "nan" fault must reach the client as the NaN token Python's json reads.
-    return json.dumps(payload, allow_nan=True, separators=(",", ":")).encode()
+    # allow_nan: NaN rows must reach the client as the NaN token Python's json reads.
+    body = json.dumps(payload, allow_nan=True, separators=(",", ":")).encode()
+    if fault == "truncated":
+        # Cut inside the data list, as a connection reset mid-body leaves it.
+        return body[: len(body) // 2]
+    return body
+
+
+# What a reverse proxy or captive portal answers with status 200 instead of the provider's JSON.
+_HTML_PAGE: Final = (
+    b"<!DOCTYPE html>\n<html><head><title>Sign in</title></head>"
+    b"<body><h1>Sign in to continue</h1><form method=\"post\" action=\"/login\"></form></body></html>\n"
+)
+# Envoy's plain-text answer when its upstream resets, sent here under a JSON content type.
+_NOT_JSON_BODY: Final = b"upstream connect error or disconnect/reset before headers. reset reason: overflow"
 
 
 async def _until_disconnect(receive: Receive) -> None:
@@ -907,8 +1004,10 @@ class _DropConnection(Response):
             await asyncio.wait_for(_until_disconnect(receive), timeout=5)
 
 
-def _json_response(status: int, body: bytes, headers: Mapping[str, str]) -> Response:
-    return Response(body, status_code=status, headers=dict(headers), media_type="application/json")
+def _json_response(
+    status: int, body: bytes, headers: Mapping[str, str], media_type: str = "application/json"
+) -> Response:
+    return Response(body, status_code=status, headers=dict(headers), media_type=media_type)
 
 
 class _EmbeddingsApp:
@@ -920,6 +1019,7 @@ class _EmbeddingsApp:
         routes = [
             Route("/v1/embeddings", self._embeddings, methods=["POST"]),
             Route("/embeddings", self._embeddings, methods=["POST"]),
+            Route("/openai/deployments/{deployment}/embeddings", self._embeddings, methods=["POST"]),
             Route("/v1/models", self._models, methods=["GET"]),
             Route("/models", self._models, methods=["GET"]),
             Route("/_ledger", self._ledger, methods=["GET"]),
@@ -959,7 +1059,9 @@ class _EmbeddingsApp:
             return "elapsed"
         return cast(Literal["disconnected", "shutdown"], waiters[done.pop()])
 
-    def _respond(self, status: int, body: bytes, request_id: str, started: float) -> Response:
+    def _respond(
+        self, status: int, body: bytes, request_id: str, started: float, media_type: str = "application/json"
+    ) -> Response:
         """Build an embeddings response with OpenAI's bookkeeping headers and count its status."""
         config = self.control.config
         headers = {
@@ -971,7 +1073,7 @@ class _EmbeddingsApp:
         if status != 200 and config.should_retry is not None:
             headers["x-should-retry"] = "true" if config.should_retry else "false"
         self.control._record_status(status)
-        return _json_response(status, body, headers)
+        return _json_response(status, body, headers, media_type)
 
     def _error(self, error: _APIError, request_id: str, started: float) -> Response:
         response = self._respond(error.status, json.dumps(error.body).encode(), request_id, started)
@@ -1018,6 +1120,17 @@ class _EmbeddingsApp:
             if fault == "drop":
                 control._note("dropped")
                 return _DropConnection()
+            if fault == "echo_auth":
+                raise _APIError(
+                    config.echo_auth_status,
+                    f"Incorrect API key provided: {request.headers.get('authorization', '')}. You can find "
+                    "your API key at https://platform.openai.com/account/api-keys.",
+                    code="invalid_api_key",
+                )
+            if fault == "html":
+                return self._respond(200, _HTML_PAGE, request_id, started, "text/html")
+            if fault == "not_json":
+                return self._respond(200, _NOT_JSON_BODY, request_id, started)
 
             raw_body = await request.body()
             try:
@@ -1030,6 +1143,10 @@ class _EmbeddingsApp:
                 outcome = await self._wait(config.stall_seconds, request.receive)
                 if outcome != "elapsed":
                     return self._abandon(outcome)
+
+            deployment = request.path_params.get("deployment")
+            if deployment and isinstance(body, dict) and not body.get("model"):
+                body["model"] = deployment  # Azure: the deployment names the model
 
             # Tokenizing big batches is CPU work: keep it off the loop so other requests proceed.
             parsed = await asyncio.to_thread(_parse_request, body, config)
@@ -1485,6 +1602,9 @@ def _parser() -> argparse.ArgumentParser:
     config.add_argument("--stall-seconds", type=float, help="how long a stall fault holds a request")
     config.add_argument("--retry-after-ms", type=int, help="retry-after-ms of injected 429s")
     config.add_argument("--poison", action="append", help="substring that fails a request (repeatable)")
+    config.add_argument("--corrupt", action="append", help="substring whose inputs come back NaN (repeatable)")
+    config.add_argument("--nan-rows", type=float, help="probability per row of a 200 that it carries a NaN")
+    config.add_argument("--echo-auth-status", type=int, help="HTTP status of echo_auth faults")
     config.add_argument(
         "--fault", dest="fault_rates", action="append", type=_fault_rate, help="KIND=PROBABILITY (repeatable)"
     )

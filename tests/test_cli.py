@@ -245,3 +245,25 @@ def test_usage_errors_exit_2(tmp_path: Path) -> None:
     missing = cli("run", tmp_path / "missing.jsonl", "--model", "fake:8", "--out", tmp_path / "o",
                   "--cache", "memory://")
     assert missing.exit_code == 1 and "does not exist" in missing.output
+
+
+def test_a_budget_refusal_prints_the_estimate_once(tmp_path: Path, openai_server: OpenAITestServer) -> None:
+    src = write_jsonl(tmp_path / "src.jsonl", make_records(50))
+    refused = cli(*run_args(src, tmp_path / "out", openai_server, tmp_path, "--budget-usd", 1e-9))
+    assert refused.exit_code == 4
+    table = f"estimate for {MODEL}:"
+    assert refused.output.count(table) == 1 and refused.output.count("  to send ") == 1, refused.output
+    assert refused.output.count("refused") == 1
+
+
+def test_a_misspelt_text_field_stops_before_any_request_naming_the_fields(
+        tmp_path: Path, openai_server: OpenAITestServer) -> None:
+    src = write_jsonl(tmp_path / "src.jsonl", make_records(30))
+    out = tmp_path / "out"
+    result = cli(*run_args(src, out, openai_server, tmp_path, "--text-field", "txt"))
+    assert result.exit_code == 1, result.output
+    assert "30 of the first 30 records have no 'txt' field" in result.output
+    assert "fields seen: id, text, topic" in result.output and "--text-field text" in result.output
+    assert openai_server.ledger.requests_total == 0
+    assert not list(out.glob("part-*"))
+    assert "no dead letters" in cli("dlq", "list", "--out", out).output

@@ -118,6 +118,32 @@ def test_every_source_format_yields_id_text_and_metadata(tmp_path: Path) -> None
         list(jobs.source_from(tmp_path / "a.jsonl", id_field="uid"))
 
 
+def test_a_misspelt_text_field_stops_every_source_format_naming_the_fields(tmp_path: Path) -> None:
+    records = make_records(30)
+    write_jsonl(tmp_path / "a.jsonl", records)
+    with open(tmp_path / "a.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, ["id", "text", "topic"])
+        writer.writeheader()
+        writer.writerows(records)
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "a.parquet")
+    for source in (tmp_path / "a.jsonl", tmp_path / "a.csv", tmp_path / "a.parquet", records):
+        with pytest.raises(jobs.SourceError, match=r"no 'txt' field \(fields seen: id, text, topic\); "
+                                                   r"did you mean --text-field text\?"):
+            next(iter(jobs.source_from(source, text_field="txt")))
+    with pytest.raises(jobs.SourceError, match="choose the text field with --text-field"):
+        next(iter(jobs.source_from(records, text_field="content_body")))
+
+
+def test_a_few_records_without_text_are_still_dead_letters(tmp_path: Path) -> None:
+    records: list[dict[str, Any]] = make_records(10)
+    records[3] = {"id": records[3]["id"], "topic": "no text"}
+    src = write_jsonl(tmp_path / "src.jsonl", records)
+    got = list(jobs.source_from(src))
+    assert [r.text for r in got].count("") == 1
+    result = jobs.run(src, model="fake:8", out=tmp_path / "out", cache=None)
+    assert result.dead_letters == 1 and result.written == 9
+
+
 def test_a_folder_of_text_files_is_embedded_with_relative_paths_as_ids(tmp_path: Path) -> None:
     docs = tmp_path / "docs"
     (docs / "guide").mkdir(parents=True)

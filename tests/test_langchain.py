@@ -414,6 +414,28 @@ def test_wrapping_langchains_openai_embeddings(server: OpenAITestServer, openai_
     assert stats.saved_usd and stats.saved_usd > 0
 
 
+@pytest.mark.parametrize("how", ["sync", "async"])
+def test_hits_on_entries_cache_backed_embeddings_wrote_count_as_saved(
+        server: OpenAITestServer, openai_embeddings: Any, tmp_path: Path, how: str) -> None:
+    """LangChain's JSON entries carry no token count: the texts are counted, so saved_usd is right."""
+    from embedpipe.tokens import TiktokenTokenizer
+
+    store = LocalFileStore(tmp_path / "langchain-cache")
+    theirs = CacheBackedEmbeddings.from_bytes_store(openai_embeddings(check_embedding_ctx_length=False), store,
+                                                    namespace="te3s/", key_encoder="sha256")
+    theirs.embed_documents(UNIQUE)
+    requests = server.ledger.requests_total
+
+    ours = EmbedPipeEmbeddings.from_bytes_store(openai_embeddings(), store, namespace="te3s/", key_encoder="sha256")
+    vectors = ours.embed_documents(TEXTS) if how == "sync" else asyncio.run(ours.aembed_documents(TEXTS))
+    assert server.ledger.requests_total == requests  # every text a hit
+    assert np.allclose(vectors, expected_vectors(TEXTS, 1536), atol=1e-6)
+    tokens = sum(TiktokenTokenizer.for_encoding("cl100k_base").count(UNIQUE))
+    assert ours.stats.hits == len(UNIQUE)
+    assert ours.stats.saved_usd == pytest.approx(tokens * 0.02 / 1e6)
+    assert ours.pipeline.cache._pending == {}  # type: ignore[union-attr]  # nothing held after the lookups
+
+
 def test_wrapped_openai_embeddings_do_not_retry_on_their_own(server: OpenAITestServer, openai_embeddings: Any) -> None:
     lc = openai_embeddings(check_embedding_ctx_length=False, max_retries=5)
     embeddings = EmbedPipeEmbeddings(lc, cache=None, max_retries=0)

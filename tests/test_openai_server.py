@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import inspect
+import json
 import math
 import re
 import shlex
@@ -22,6 +23,7 @@ from tests.openai_server import (
     DEFAULT_MODEL,
     LedgerSnapshot,
     OpenAITestServer,
+    RemoteControl,
     ServerConfig,
     ServerProcess,
     _config_from_args,
@@ -166,6 +168,18 @@ def test_token_array_inputs_embed_their_text(client: openai.OpenAI, server: Open
     assert len(single.data) == 1
     assert np.array_equal(np.asarray(single.data[0].embedding, dtype=np.float32), expected_vector(TEXTS[0], 1536))
     assert server.ledger.times_billed[TEXTS[0]] == 2
+
+
+def test_azure_deployment_path(server: OpenAITestServer) -> None:
+    azure = openai.AzureOpenAI(azure_endpoint=server.url, azure_deployment="my-deployment", api_key="test",
+                               api_version="2024-02-01", max_retries=0)
+    with azure:
+        named = azure.embeddings.create(model=DEFAULT_MODEL, input="hello")
+        assert np.array_equal(np.asarray(named.data[0].embedding, dtype=np.float32), expected_vector("hello", 1536))
+    with httpx.Client(base_url=server.url, timeout=5) as raw:
+        response = raw.post("/openai/deployments/local-minilm/embeddings?api-version=2024-02-01", json={"input": "x"})
+    assert response.json()["model"] == "local-minilm"  # no model in the body: the deployment's name
+    assert len(response.json()["data"][0]["embedding"]) == 384
 
 
 def test_unknown_model_and_paths_without_v1(server: OpenAITestServer) -> None:
@@ -377,6 +391,143 @@ def test_wrong_dims_and_wrong_count(client: openai.OpenAI, server: OpenAITestSer
     assert len(client.embeddings.create(model=DEFAULT_MODEL, input=TEXTS).data) == len(TEXTS) - 1
 
 
+# -- malformed 200s, echoed credentials, per-row corruption -------------------------
+
+
+def embeddings_post(http: httpx.Client, texts: list[str]) -> httpx.Response:
+    return http.post("/embeddings", json={"model": DEFAULT_MODEL, "input": texts, "encoding_format": "base64"})
+
+
+def test_wrong_dims_all_shortens_every_row_of_one_response(client: openai.OpenAI, server: OpenAITestServer) -> None:
+    server.control.fail_next("wrong_dims_all")
+    widths = {len(item.embedding) for item in client.embeddings.create(model=DEFAULT_MODEL, input=TEXTS).data}
+    assert widths == {1535}
+    again = client.embeddings.create(model=DEFAULT_MODEL, input=TEXTS).data
+    assert {len(item.embedding) for item in again} == {1536}
+    assert server.ledger.times_billed["hello world"] == 2  # a corrupted 200 is still billed
+
+
+def test_html_page_with_status_200_bills_nothing(http: httpx.Client, server: OpenAITestServer) -> None:
+    server.control.fail_next("html")
+    response = embeddings_post(http, TEXTS)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/html")
+    assert response.text.startswith("<!DOCTYPE html>")
+    assert embeddings_post(http, TEXTS).json()["object"] == "list"
+    ledger = server.ledger
+    assert ledger.times_billed["hello world"] == 1 and ledger.status_counts == {200: 2}
+
+
+def test_not_json_200_under_a_json_content_type(
+    client: openai.OpenAI, http: httpx.Client, server: OpenAITestServer
+) -> None:
+    server.control.fail_next("not_json", times=2)
+    response = embeddings_post(http, TEXTS)
+    assert response.status_code == 200 and response.headers["content-type"] == "application/json"
+    with pytest.raises(json.JSONDecodeError):
+        response.json()
+    # What the SDK does with it: the decode error escapes from create().
+    with pytest.raises(json.JSONDecodeError):
+        client.embeddings.create(model=DEFAULT_MODEL, input=TEXTS)
+    assert server.ledger.billed_tokens == 0
+
+
+def test_truncated_json_is_a_billed_prefix_of_the_real_answer(http: httpx.Client, server: OpenAITestServer) -> None:
+    server.control.fail_next("truncated")
+    cut = embeddings_post(http, TEXTS)
+    whole = embeddings_post(http, TEXTS)
+    assert cut.status_code == 200 and int(cut.headers["content-length"]) == len(cut.content)
+    assert 0 < len(cut.content) < len(whole.content)
+    assert whole.content.startswith(cut.content)
+    with pytest.raises(json.JSONDecodeError, match=r"Unterminated string|Expecting"):
+        cut.json()
+    assert server.ledger.times_billed["hello world"] == 2
+
+
+def test_missing_embedding_items_keep_object_and_index(client: openai.OpenAI, server: OpenAITestServer) -> None:
+    server.control.fail_next("missing_embedding")
+    raw = client.embeddings.with_raw_response.create(model=DEFAULT_MODEL, input=TEXTS)
+    items = json.loads(raw.text)["data"]
+    assert items == [{"object": "embedding", "index": i} for i in range(len(TEXTS))]
+    assert server.ledger.times_billed["hello world"] == 1
+
+
+@pytest.mark.parametrize("status", [401, 500])
+def test_echo_auth_repeats_the_authorization_header(server: OpenAITestServer, status: int) -> None:
+    server.control.configure(echo_auth_status=status)
+    server.control.fail_next("echo_auth")
+    secret = "sk-test-0123456789abcdefSECRET"
+    with openai.OpenAI(base_url=server.base_url, api_key=secret, max_retries=0) as sdk:
+        with pytest.raises(openai.APIStatusError) as caught:
+            sdk.embeddings.create(model=DEFAULT_MODEL, input="x")
+        assert caught.value.status_code == status
+        assert f"Bearer {secret}" in caught.value.response.json()["error"]["message"]
+        assert f"Bearer {secret}" in str(caught.value)
+        sdk.embeddings.create(model=DEFAULT_MODEL, input="x")
+
+
+def test_config_rejects_bad_new_fault_settings() -> None:
+    for bad in ({"nan_rows": 1.5}, {"nan_rows": -0.1}, {"corrupt": [""]}, {"echo_auth_status": 200}):
+        with pytest.raises(ValueError):
+            ServerConfig(**bad)
+    assert ServerConfig(corrupt="X").corrupt == ("X",)
+
+
+def nan_rows_of(response: httpx.Response) -> list[int]:
+    return [item["index"] for item in response.json()["data"] if np.isnan(decode_base64(item["embedding"])).any()]
+
+
+def test_nan_rows_draws_per_row_reproducibly(http: httpx.Client, server: OpenAITestServer) -> None:
+    texts = [f"row {i}" for i in range(200)]
+    server.control.configure(nan_rows=0.1, seed=3)
+    first = embeddings_post(http, texts)
+    bad = nan_rows_of(first)
+    assert 5 <= len(bad) <= 40  # about 20 of 200
+    for item in first.json()["data"]:
+        vector = decode_base64(item["embedding"])
+        if item["index"] in bad:
+            assert int(np.isnan(vector).sum()) == 1
+        else:  # the other rows are the real answer, usable as they are
+            assert np.array_equal(vector, expected_vector(texts[item["index"]], 1536))
+    second = nan_rows_of(embeddings_post(http, texts))
+    assert second != bad  # drawn afresh for every response
+    server.control.configure(seed=3)
+    assert nan_rows_of(embeddings_post(http, texts)) == bad
+    assert server.ledger.rows_corrupted == 2 * len(bad) + len(second)
+    server.control.configure(nan_rows=1.0)
+    assert nan_rows_of(embeddings_post(http, texts[:5])) == list(range(5))
+
+
+def test_corrupt_texts_come_back_nan_every_time(http: httpx.Client, server: OpenAITestServer) -> None:
+    server.control.configure(corrupt=["BAD ROW"])
+    texts = ["fine", "a BAD ROW here", "also fine", "BAD ROW again"]
+    for _ in range(3):
+        response = embeddings_post(http, texts)
+        assert response.status_code == 200
+        assert nan_rows_of(response) == [1, 3]
+    assert embeddings_post(http, ["fine"]).status_code == 200 and server.ledger.rows_corrupted == 6
+    assert server.ledger.times_billed["a BAD ROW here"] == 3  # billed like any other row
+
+
+def test_remote_control_drives_the_new_shapes(server: OpenAITestServer) -> None:
+    remote = RemoteControl(server.base_url)
+    try:
+        remote.script("html", "truncated", "missing_embedding", "not_json", "wrong_dims_all", "echo_auth")
+        assert remote.pending_faults == (
+            "html", "truncated", "missing_embedding", "not_json", "wrong_dims_all", "echo_auth"
+        )
+        config = remote.configure(corrupt=["BAD"], nan_rows=0.25, echo_auth_status=500)
+        assert (config.corrupt, config.nan_rows, config.echo_auth_status) == (("BAD",), 0.25, 500)
+        assert server.control.config.corrupt == ("BAD",)
+        with httpx.Client(base_url=server.base_url, timeout=5) as http:
+            assert embeddings_post(http, ["x"]).headers["content-type"].startswith("text/html")
+        remote.set_fault_rate("not_json", 0.5)
+        assert server.control.config.fault_rates == {"not_json": 0.5}
+        assert remote.ledger == server.ledger
+    finally:
+        remote.close()
+
+
 def test_random_faults_are_reproducible(http: httpx.Client, server: OpenAITestServer) -> None:
     server.control.configure(fault_rates={"500": 0.3, "503": 0.2}, seed=7)
 
@@ -471,13 +622,15 @@ def test_start_stop_fast_and_independent() -> None:
 def test_cli_flags_map_to_config() -> None:
     argv = shlex.split(
         "--rpm 500 --tpm none --window 2 --poison A --poison B --fault 503=0.25 --should-retry false"
+        " --corrupt C --nan-rows 0.01 --echo-auth-status 500 --fault html=0.1"
         """ --config '{"default_dims": 64, "rpm": 1}'"""
     )
     args = _parser().parse_args(argv)
     config = _config_from_args(args)
     assert (config.rpm, config.tpm, config.window, config.default_dims) == (500, None, 2.0, 64)
-    assert config.poison == ("A", "B") and config.fault_rates == {"unavailable": 0.25}
+    assert config.poison == ("A", "B") and config.fault_rates == {"unavailable": 0.25, "html": 0.1}
     assert config.should_retry is False
+    assert (config.corrupt, config.nan_rows, config.echo_auth_status) == (("C",), 0.01, 500)
 
 
 def test_server_process_with_remote_control() -> None:

@@ -11,12 +11,14 @@ is the format (:data:`embedpipe.registry.sources`): ``jsonl:///rel/corpus.txt``,
 from __future__ import annotations
 
 import csv
+import difflib
 import gzip
 import io
+import itertools
 import json
 import os
 import sys
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -29,6 +31,9 @@ from embedpipe.jobs.records import Record
 #: suffixes of the text files a folder source reads
 TEXT_SUFFIXES = (".txt", ".md")
 _ROWS_PER_BATCH = 2048  # Parquet rows decoded at once
+# Rows read before any is handed on, to catch a misspelt text field before every record is
+# dead-lettered as empty: when most of them lack it, the source stops.
+_FIELD_CHECK_ROWS = 100
 
 
 class Source:
@@ -74,6 +79,30 @@ class _FieldSource(Source):
         metadata = {k: v for k, v in row.items() if k != self.id_field and k != self.text_field}
         return Record(str(rid), "" if text is None else text if isinstance(text, str) else str(text), metadata)
 
+    def missing_text_field(self, fields: Sequence[str], *, lacking: int | None = None, of: int | None = None) -> None:
+        """Raise :class:`SourceError`: the text field is not among ``fields`` (in ``lacking`` of ``of`` rows)."""
+        how = f"{lacking} of the first {of} records have" if lacking is not None else "the source has"
+        close = difflib.get_close_matches(self.text_field, fields, n=1)
+        hint = f"; did you mean --text-field {close[0]}?" if close else "; choose the text field with --text-field"
+        raise SourceError(f"{self.name}: {how} no {self.text_field!r} field (fields seen: "
+                          f"{', '.join(list(fields)[:20])}){hint}")
+
+    def records(self, rows: Iterable[tuple[Mapping[str, Any] | Record, str]]) -> Iterator[Record]:
+        """The records of ``(row, where)`` pairs, once the first rows show the text field is there.
+
+        A few records without text are dead letters ("empty"); most of the first
+        :data:`_FIELD_CHECK_ROWS` without it is a misspelt ``text_field``, and stops the source.
+        """
+        rows = iter(rows)
+        head = list(itertools.islice(rows, _FIELD_CHECK_ROWS))
+        mappings = [row for row, _ in head if not isinstance(row, Record)]
+        lacking = sum(1 for row in mappings if self.text_field not in row)
+        if mappings and lacking * 2 > len(mappings):
+            seen = list(dict.fromkeys(str(k) for row in mappings for k in row))
+            self.missing_text_field(seen, lacking=lacking, of=len(mappings))
+        for row, where in itertools.chain(head, rows):
+            yield row if isinstance(row, Record) else self.record(row, where)
+
     def _open_text(self) -> IO[str]:
         if not self.path.exists():
             raise SourceError(f"source {self.path} does not exist")
@@ -87,16 +116,19 @@ class JSONLSource(_FieldSource):
 
     def __iter__(self) -> Iterator[Record]:
         with self._open_text() as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except ValueError as exc:
-                    raise SourceError(f"{self.path}:{n}: not valid JSON ({exc})") from None
-                if not isinstance(row, dict):
-                    raise SourceError(f"{self.path}:{n}: expected a JSON object, got {type(row).__name__}")
-                yield self.record(row, f"{self.path}:{n}")
+            yield from self.records(self._rows(f))
+
+    def _rows(self, f: IO[str]) -> Iterator[tuple[Mapping[str, Any], str]]:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as exc:
+                raise SourceError(f"{self.path}:{n}: not valid JSON ({exc})") from None
+            if not isinstance(row, dict):
+                raise SourceError(f"{self.path}:{n}: expected a JSON object, got {type(row).__name__}")
+            yield row, f"{self.path}:{n}"
 
     def count(self) -> int | None:
         if self.path.suffix == ".gz" or not self.path.exists():
@@ -113,6 +145,9 @@ class CSVSource(_FieldSource):
         csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
         with self._open_text() as f:
             reader = csv.DictReader(f)
+            columns = reader.fieldnames or []
+            if columns and self.text_field not in columns:
+                self.missing_text_field(columns)
             for row in reader:
                 yield self.record(row, f"{self.path}:{reader.line_num}")
 
@@ -133,6 +168,8 @@ class ParquetSource(_FieldSource):
         if self.id_field not in names:
             raise SourceError(f"{self.path}: no {self.id_field!r} column (columns: {sorted(names)}); "
                               "choose one with --id-field")
+        if self.text_field not in names:
+            self.missing_text_field(dataset.schema.names)
         n = 0
         for batch in dataset.to_batches(batch_size=_ROWS_PER_BATCH):
             for row in batch.to_pylist():
@@ -187,10 +224,10 @@ class IterableSource(Source):
                  text_field: str = "text") -> None:
         self.items = items
         self._fields = _FieldSource(".", id_field=id_field, text_field=text_field)
+        self._fields.name = self.name
 
     def __iter__(self) -> Iterator[Record]:
-        for n, item in enumerate(self.items, 1):
-            yield item if isinstance(item, Record) else self._fields.record(item, f"item {n}")
+        yield from self._fields.records((item, f"item {n}") for n, item in enumerate(self.items, 1))
 
     def count(self) -> int | None:
         return len(self.items) if isinstance(self.items, (list, tuple)) else None

@@ -7,17 +7,20 @@ settings) is decided here, once, for both frameworks.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import warnings
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import replace
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 
 from embedpipe._urls import register_secret
 from embedpipe.errors import ProviderError
-from embedpipe.providers.base import BatchResult, Provider, ProviderInfo, Role
+from embedpipe.providers.base import BatchResult, Provider, ProviderInfo, Role, Tokenizer
+from embedpipe.providers.known_models import KnownModel, adopt, api_hosts_of
 
 log = logging.getLogger("embedpipe")
 
@@ -26,18 +29,47 @@ _RETRYABLE_NAMES = ("timeout", "timedout", "connection", "ratelimit", "serviceun
                     "internalserver", "apiconnection", "remoteprotocol", "readerror")
 
 
-def classify_exception(exc: BaseException) -> ProviderError:
+def _request_host(exc: BaseException) -> str | None:
+    """The host a failed HTTP request went to (requests' and httpx's errors carry the request)."""
+    seen: BaseException | None = exc
+    for _ in range(3):  # the exception, then what it was raised from
+        if seen is None:
+            break
+        try:
+            url = seen.request.url  # type: ignore[attr-defined]  # httpx raises if unset
+        except Exception:
+            url = None
+        if url:
+            try:
+                host = urlsplit(str(url)).hostname
+            except ValueError:
+                host = None
+            if host:
+                return host
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def classify_exception(exc: BaseException, *, api_hosts: Collection[str] | None = None) -> ProviderError:
     """The one rule for a wrapped model's exceptions.
 
-    1. openai SDK errors go through :func:`embedpipe.providers.openai.map_openai_error`.
-    2. An exception carrying an HTTP status (``status_code``, ``status``, ``http_status``
+    1. openai SDK errors go through :func:`embedpipe.providers.openai.map_openai_error`,
+       and so does a ``JSONDecodeError`` (a 200 whose body is not JSON).
+    2. A failure that is not the provider's answer fails fast, and for the whole request
+       (no input is to blame): an ``ImportError``, or an HTTP error from a host that is
+       not one of ``api_hosts`` (tiktoken's or Hugging Face's downloads).
+    3. An exception carrying an HTTP status (``status_code``, ``status``, ``http_status``
        or ``response.status_code``) is retryable for 408, 409, 429 and 5xx, else not.
-    3. Otherwise, timeouts and connection errors (``TimeoutError``, ``ConnectionError``,
-       ``OSError``, httpx/requests transport errors: matched by class name) are retryable.
-    4. Anything else fails fast: retrying a bug only burns time.
+    4. Otherwise, timeouts and connection errors (``TimeoutError``, ``ConnectionError``,
+       httpx/requests transport errors: matched by class name) are retryable.
+    5. Anything else fails fast: retrying a bug only burns time.
     """
     if isinstance(exc, ProviderError):
         return exc
+    if isinstance(exc, json.JSONDecodeError):
+        from embedpipe.providers.openai import malformed_response
+
+        return malformed_response(exc)
     try:
         import openai
 
@@ -47,6 +79,18 @@ def classify_exception(exc: BaseException) -> ProviderError:
             return map_openai_error(exc)
     except ImportError:
         pass
+    if isinstance(exc, ImportError):
+        return ProviderError(f"the wrapped model cannot import what it needs ({type(exc).__name__}: {exc}); "
+                             "not retried", retryable=False, request_level=True)
+    host = _request_host(exc)
+    if host is not None and api_hosts and host not in api_hosts:
+        from embedpipe.providers.openai import safe_url
+
+        url = safe_url(getattr(getattr(exc, "request", None), "url", "") or host)
+        return ProviderError(
+            f"the wrapped model failed reaching {url}, which is not its API ({', '.join(sorted(api_hosts))}), "
+            f"so this is no answer of the provider's; not retried: {type(exc).__name__}: {exc}",
+            retryable=False, request_level=True)
     status = None
     for attr in ("status_code", "status", "http_status"):
         value = getattr(exc, attr, None)
@@ -123,6 +167,8 @@ class FrameworkProvider(Provider):
                  max_input_tokens: int | None = None, price_per_1m_tokens: float | None = None,
                  warn_unnamed: bool = True) -> None:
         self.obj = obj
+        #: what embedpipe knows of ``obj`` (OpenAI's classes in both frameworks), before it is changed
+        self.known: KnownModel | None = adopt(obj)
         self.name = framework
         self.class_path = f"{type(obj).__module__}.{type(obj).__qualname__}"
         model = getattr(obj, "model", None) or getattr(obj, "model_name", None)
@@ -136,15 +182,27 @@ class FrameworkProvider(Provider):
             model = self.class_path
         dims = getattr(obj, "dimensions", None)
         self._declared_dims = dims if isinstance(dims, int) else None
-        super().__init__(model, info=replace(self.info, dimensions=self._declared_dims,
-                                             max_input_tokens=max_input_tokens,
-                                             price_per_1m_units=price_per_1m_tokens))
+        known = self.known
+        super().__init__(model, info=replace(
+            self.info, dimensions=self._declared_dims or (known.dimensions if known else None),
+            max_input_tokens=max_input_tokens or (known.max_input_tokens if known else None),
+            price_per_1m_units=price_per_1m_tokens if price_per_1m_tokens is not None else (
+                known.price_per_1m_tokens if known else None)))
         self._embed_documents = embed_documents
         self._embed_query = embed_query
         self._aembed_documents = aembed_documents
         self._aembed_query = aembed_query
+        self.encoding = known.encoding if known else "cl100k_base"
+        self.api_hosts = known.api_hosts if known else api_hosts_of(
+            obj, "base_url", "api_base", "openai_api_base", "azure_endpoint", "endpoint", "endpoint_url", "api_url")
         disable_retries(obj)
         register_secrets_of(obj)
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        from embedpipe.tokens import TiktokenTokenizer
+
+        return TiktokenTokenizer.for_encoding(self.encoding)
 
     def identity(self) -> dict[str, Any]:
         # Native dims as the wrapped object declares them (OpenAIEmbeddings(dimensions=256)).
@@ -162,7 +220,7 @@ class FrameworkProvider(Provider):
             else:
                 rows = list(await asyncio.to_thread(self._embed_documents, texts))
         except Exception as exc:
-            raise classify_exception(exc) from exc
+            raise classify_exception(exc, api_hosts=self.api_hosts) from exc
         return BatchResult(_to_array(rows, len(texts)))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import replace
@@ -38,19 +39,73 @@ def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
     return None
 
 
+def safe_url(url: object) -> str:
+    """``url`` without credentials, query or fragment: safe to put in an error message."""
+    parts = urlsplit(str(url))
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"  # an IPv6 literal
+    netloc = f"{host}:{parts.port}" if parts.port is not None else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def _request_url(exc: BaseException) -> str:
+    """The URL the failed request went to (credentials removed), or ``"the server"``."""
+    try:
+        return safe_url(exc.request.url)  # type: ignore[attr-defined]
+    except Exception:  # an SDK error built without a request
+        return "the server"
+
+
+def _body_excerpt(response: Any) -> str:
+    """What a 200 that is not an embeddings list held: its content type and first characters."""
+    try:
+        content_type = str(response.headers.get("content-type") or "no content type").split(";")[0]
+        text = str(response.text)
+    except Exception:  # a body that cannot even be read back
+        return ""
+    shown = text[:60] + ("..." if len(text) > 60 else "")
+    return f"; {content_type}, {len(text)} characters: {shown!r}"
+
+
+def malformed_response(exc: BaseException, response: Any = None) -> InvalidResponseError:
+    """The one mapping of an unusable 200 to embedpipe's error, whatever parsing it raised.
+
+    An HTML page, a body that is not JSON or is cut off, items without ``embedding``:
+    the answer is broken, not any input, so the error is retryable and request-level
+    (splitting the batch to find a bad input cannot help).
+    """
+    where = f" from {safe_url(response.url)}" if response is not None and hasattr(response, "url") else ""
+    if isinstance(exc, InvalidResponseError):  # _decode's own findings say what is wrong already
+        what = str(exc)
+    else:
+        detail = _body_excerpt(response) if response is not None else ""
+        what = f"the HTTP 200 is not an embeddings list ({type(exc).__name__}: {exc}{detail})"
+    return InvalidResponseError(f"invalid response{where}: {what}", retryable=True, request_level=True)
+
+
 def _dimensions_error(message: str) -> bool:
     m = message.lower()
     return "dimension" in m and ("support" in m or "invalid" in m or "not" in m)
 
 
 def map_openai_error(exc: BaseException) -> ProviderError:
-    """Classify an openai SDK exception: the one place where its errors become embedpipe's."""
+    """Classify an openai SDK exception: the one place where its errors become embedpipe's.
+
+    The SDK's own decode errors (a 200 whose body is not JSON) are invalid responses,
+    through :func:`malformed_response`, like everything that reading a 200 can raise.
+    """
     import openai
 
+    if isinstance(exc, ProviderError):
+        return exc
+    if isinstance(exc, (openai.APIResponseValidationError, json.JSONDecodeError)):
+        return malformed_response(exc, getattr(exc, "response", None))
     if isinstance(exc, openai.APITimeoutError):
-        return ProviderError(f"request timed out: {exc}", retryable=True)
+        return ProviderError(f"request to {_request_url(exc)} timed out: {exc}", retryable=True)
     if isinstance(exc, openai.APIConnectionError):
-        return ProviderError(f"connection failed: {exc}", retryable=True)
+        cause = f" ({type(exc.__cause__).__name__}: {exc.__cause__})" if exc.__cause__ is not None else ""
+        return ProviderError(f"connection to {_request_url(exc)} failed: {exc}{cause}", retryable=True)
     if isinstance(exc, openai.APIStatusError):
         status = exc.status_code
         headers = {k.lower(): v for k, v in exc.response.headers.items()}
@@ -156,16 +211,30 @@ class OpenAIProvider(Provider):
             kwargs["dimensions"] = self.requested_dimensions
         try:
             raw = await client.embeddings.with_raw_response.create(**kwargs)
-            response = raw.parse()
         except Exception as exc:
             raise map_openai_error(exc) from exc
+        try:
+            response = raw.parse()
+            vectors = self._decode(response, len(texts))
+            tokens = _usage(response)
+        except Exception as exc:  # whatever a broken 200 makes the SDK or _decode raise
+            raise malformed_response(exc, raw) from exc
         headers = {k.lower(): v for k, v in raw.headers.items()}
-        return BatchResult(self._decode(response, len(texts)), tokens=_usage(response), headers=headers,
+        return BatchResult(vectors, tokens=tokens, headers=headers,
                            status=getattr(raw, "status_code", 200))
 
     @staticmethod
     def _decode(response: Any, n: int) -> np.ndarray:
-        data = sorted(response.data or [], key=lambda d: d.index)
+        """The (n, d) vectors of a parsed response; raises on anything that is not ``n`` embeddings."""
+        items = getattr(response, "data", None)
+        if not isinstance(items, list):
+            # Not an InvalidResponseError: malformed_response then shows what the body held instead.
+            raise TypeError(f"the SDK read it as {type(response).__name__}, without a data list")
+        for k, d in enumerate(items):
+            # The SDK builds its models without validation: a missing field is simply absent.
+            if not isinstance(getattr(d, "index", None), int) or getattr(d, "embedding", None) is None:
+                raise InvalidResponseError(f"item {k} of the response has no index or no embedding")
+        data = sorted(items, key=lambda d: d.index)
         if len(data) != n or [d.index for d in data] != list(range(n)):
             raise InvalidResponseError(f"server returned {len(data)} embeddings (indices "
                                        f"{[d.index for d in data][:10]}) for {n} inputs")
@@ -180,6 +249,8 @@ class OpenAIProvider(Provider):
                     raise InvalidResponseError(f"undecodable base64 embedding at index {d.index}: {exc}") from None
             else:
                 rows.append(np.asarray(emb, dtype=np.float32))
+            if rows[-1].ndim != 1:
+                raise InvalidResponseError(f"the embedding at index {d.index} is not a flat list of numbers")
         lengths = {r.shape[0] for r in rows}
         if len(lengths) != 1:
             raise InvalidResponseError(f"server returned vectors of differing lengths {sorted(lengths)}")
