@@ -44,6 +44,8 @@ CUT_CHARS_PER_TOKEN = 8
 #: padded tokens per forward pass (batch rows x longest row)
 CPU_BATCH_TOKENS = 16_384
 CUDA_BATCH_TOKENS = 131_072
+#: on a CPU, a batch's rows are at most this much shorter than its longest (padding share)
+CPU_PADDING_WASTE = 0.15
 _PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 
 
@@ -231,19 +233,33 @@ class EncoderTokenizer:
 
 
 # --------------------------------------------------------------------------------- batching
-def plan_batches(lengths: Sequence[int], batch_tokens: int, max_rows: int | None = None) -> list[np.ndarray]:
-    """Indices of token-budget batches, longest first: rows x longest row stays within ``batch_tokens``."""
-    order = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable")
+def plan_batches(lengths: Sequence[int], batch_tokens: int, max_rows: int | None = None,
+                 waste: float | None = None) -> list[np.ndarray]:
+    """Indices of token-budget batches, longest first: rows x longest row stays within ``batch_tokens``.
+
+    ``waste``: also start a new batch when a row is that fraction shorter than its batch's
+    longest, so padding stays under that share (on a CPU small batches cost little more per
+    token, and padding costs its full price).
+    """
+    arr = np.asarray(lengths, dtype=np.int64)
+    order = np.argsort(-arr, kind="stable")
     batches: list[np.ndarray] = []
     start = 0
     n = len(order)
     while start < n:
-        longest = max(1, int(lengths[order[start]]))
+        longest = max(1, int(arr[order[start]]))
         rows = max(1, batch_tokens // longest)
         if max_rows:
             rows = min(rows, max_rows)
-        batches.append(order[start:start + rows])
-        start += rows
+        end = min(n, start + rows)
+        if waste is not None:
+            # Sorted longest first: the first row under the floor ends the batch.
+            floor = longest * (1.0 - waste)
+            short = np.nonzero(arr[order[start:end]] < floor)[0]
+            if short.size:
+                end = start + max(1, int(short[0]))
+        batches.append(order[start:end])
+        start = end
     return batches
 
 
@@ -394,7 +410,8 @@ class LocalEncoder:
         for start in range(0, len(texts), wave):
             part = by_chars[start:start + wave]
             encs = self.tokenizer.encode([texts[i] for i in part])
-            for rows in plan_batches([len(e.ids) for e in encs], self.batch_tokens, self.max_rows):
+            for rows in plan_batches([len(e.ids) for e in encs], self.batch_tokens, self.max_rows,
+                                     None if self.cuda else CPU_PADDING_WASTE):
                 ids, mask = pad([encs[r] for r in rows], self.tokenizer.pad_id)
                 yield part[rows], ids, mask
 
