@@ -107,6 +107,9 @@ def _quiet() -> Iterator[None]:
     root = logging.getLogger()
     drop = _Drop()
     root.addFilter(drop)
+    exporter = logging.getLogger("torch.onnx")  # "torchvision is not installed. Skipping ..."
+    level = exporter.level
+    exporter.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings(), open(os.devnull, "w") as null, \
                 contextlib.redirect_stdout(null):
@@ -114,6 +117,7 @@ def _quiet() -> Iterator[None]:
             yield
     finally:
         root.removeFilter(drop)
+        exporter.setLevel(level)
 
 
 def export_int8(encoder: LocalEncoder, target: Path) -> None:
