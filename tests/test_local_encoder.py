@@ -164,7 +164,7 @@ def test_plan_batches_respects_the_budget_and_padding_share() -> None:
 
 
 def test_precision_options_are_checked_before_loading() -> None:
-    with pytest.raises(ConfigurationError, match="int8.*CPU only"):
+    with pytest.raises(ConfigurationError, match=r"int8.*CPU only"):
         LocalProvider("all-MiniLM-L6-v2", device="cuda", precision="int8")
     with pytest.raises(ConfigurationError, match="needs a CUDA device"):
         LocalProvider("all-MiniLM-L6-v2", device="cpu", precision="fp16")
@@ -234,6 +234,6 @@ def test_int8_gate_refuses_a_damaged_quantization(int8_provider: LocalProvider, 
     assert damaged > 10
     onnx.save(graph, str(target))
     sample = [r["text"][:300] for r in corpus[:: len(corpus) // 24]][:24]
-    with pytest.raises(ConfigurationError, match="int8.*refused.*lowest cosine"):
+    with pytest.raises(ConfigurationError, match=r"int8.*refused.*lowest cosine"):
         LocalProvider("all-MiniLM-L6-v2", device="cpu", precision="int8", onnx_cache_dir=str(damaged_root),
                       int8_sample=sample)
