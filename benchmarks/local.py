@@ -40,6 +40,24 @@ def sample(ctx: Context, n: int) -> list[str]:
     return pool[:: max(1, len(pool) // n)][:n]
 
 
+def recall_at_10(ctx: Context, pipes: dict[str, Any], n: int) -> dict[str, float]:
+    """Title-query Recall@10 over ``n`` sections with distinct titles, per pipeline (its own vectors)."""
+    seen: set[str] = set()
+    chosen = []
+    for s in corpus.sections(ctx.repo):
+        if s.title.strip() and s.text.strip() and s.title not in seen:
+            seen.add(s.title)
+            chosen.append(s)
+    chosen = chosen[:: max(1, len(chosen) // n)][:n]
+    out = {}
+    for name, pipe in pipes.items():
+        docs = pipe.embed_array([s.text for s in chosen])
+        queries = pipe.embed_array([s.title for s in chosen])
+        top = np.argsort(-(queries @ docs.T), axis=1)[:, :10]
+        out[name] = float(np.mean([i in row for i, row in enumerate(top)]))
+    return out
+
+
 def run(ctx: Context) -> Result:
     try:
         import torch
@@ -83,6 +101,11 @@ def run(ctx: Context) -> Result:
         for fn in cases.values():  # warm-up
             fn()
         times = timing.interleaved(cases, rounds)
+    recall: dict[str, float] = {}
+    if len(pipes) == 2:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            recall = recall_at_10(ctx, {"fp32": pipes[0], "int8": pipes[1]}, 16 if ctx.quick else 1000)
     for p in pipes:
         p.close()
     st_times = times["SentenceTransformer.encode"]
@@ -117,6 +140,11 @@ def run(ctx: Context) -> Result:
         notes.append(f"int8 gate (first load, {gate.texts} bundled sample texts, fp32 vs int8): min cosine "
                      f"{gate.min_cosine:.4f}, mean {gate.mean_cosine:.4f}.")
         data["gate"] = {"min_cosine": gate.min_cosine, "mean_cosine": gate.mean_cosine, "texts": gate.texts}
+    if recall:
+        notes.append(f"Title-query Recall@10 over {16 if ctx.quick else 1000} sections with distinct titles (each "
+                     "title's own section is the one relevant document; texts truncated at 254 tokens): fp32 "
+                     f"{recall['fp32']:.3f}, int8 {recall['int8']:.3f}.")
+        data["recall_at_10"] = recall
     if int8_note:
         notes.append(int8_note)
     met = fp32_best >= 1.0 and fp32_median >= 1.0 and int8_best >= 1.6 and gate_ok

@@ -387,20 +387,24 @@ class LocalEncoder:
             return self._run(texts, self.onnx.forward)
         return self._run(texts, self.forward_torch)
 
-    def forward_torch(self, ids: np.ndarray, mask: np.ndarray) -> Any:
+    def forward_torch(self, ids: Any, mask: Any) -> Any:
         """Pooled embeddings of one padded batch (a torch tensor on the device)."""
         import torch
 
-        t_ids, t_mask = torch.from_numpy(ids), torch.from_numpy(mask)
+        t_ids = ids if isinstance(ids, torch.Tensor) else torch.from_numpy(ids)
+        t_mask = mask if isinstance(mask, torch.Tensor) else torch.from_numpy(mask)
         if self.cuda:
-            t_ids = t_ids.pin_memory().to(self.device, non_blocking=True)
-            t_mask = t_mask.pin_memory().to(self.device, non_blocking=True)
+            # Pinned (by the producer thread, see batches()) so the copies overlap the GPU's work.
+            t_ids = t_ids.to(self.device, non_blocking=True)
+            t_mask = t_mask.to(self.device, non_blocking=True)
         with torch.inference_mode():
             return self.pooled(t_ids, t_mask)
 
     # -- the pipeline: a producer thread tokenizes while the model runs ----------------
-    def batches(self, texts: list[str], wave: int = 2048) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    def batches(self, texts: list[str], wave: int = 2048) -> Iterator[tuple[np.ndarray, Any, Any]]:
         """(input indices, ids, mask) per token-budget batch, tokenizing ``wave`` texts at a time.
+
+        On CUDA, ids and mask come as pinned torch tensors (pinned here, off the consumer's path).
 
         Texts go in waves of similar character length (longest first), so a wave's tokens are
         ready while the previous wave runs; within a wave, batches are sorted by token length.
@@ -413,9 +417,14 @@ class LocalEncoder:
             for rows in plan_batches([len(e.ids) for e in encs], self.batch_tokens, self.max_rows,
                                      None if self.cuda else CPU_PADDING_WASTE):
                 ids, mask = pad([encs[r] for r in rows], self.tokenizer.pad_id)
-                yield part[rows], ids, mask
+                if self.cuda:
+                    import torch
 
-    def _run(self, texts: list[str], forward: Callable[[np.ndarray, np.ndarray], Any]) -> np.ndarray:
+                    yield part[rows], torch.from_numpy(ids).pin_memory(), torch.from_numpy(mask).pin_memory()
+                else:
+                    yield part[rows], ids, mask
+
+    def _run(self, texts: list[str], forward: Callable[[Any, Any], Any]) -> np.ndarray:
         q: queue.Queue[Any] = queue.Queue(maxsize=4)
         stop = threading.Event()
         done = object()
