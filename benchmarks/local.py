@@ -16,7 +16,6 @@ with a GPU.
 from __future__ import annotations
 
 import statistics
-import tempfile
 import warnings
 from typing import Any
 
@@ -85,9 +84,8 @@ def run(ctx: Context) -> Result:
     gate = None
     pipes = [pipe32]
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            int8 = LocalProvider(MODEL, device="cpu", precision="int8",
-                                 onnx_cache_dir=None if not ctx.quick else tmp)
+        # The user cache directory, as for any user: the export and the gate run on the first run only.
+        int8 = LocalProvider(MODEL, device="cpu", precision="int8")
         assert int8.encoder is not None and int8.encoder.onnx is not None
         gate = int8.encoder.onnx.gate
         pipe8 = EmbeddingPipeline(int8, cache=None, on_long_input="truncate", batch_size=BATCH)
