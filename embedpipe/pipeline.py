@@ -37,7 +37,8 @@ class EmbeddingPipeline:
     the user's cache directory. ``cache_queries=False`` leaves queries uncached.
     ``hooks`` are callables that receive every :mod:`embedpipe.events` event.
     ``max_retries`` bounds retries of errors; 429s instead retry until their waits add up to
-    ``max_rate_limit_wait`` seconds (``None``: 429s count as retries).
+    ``max_rate_limit_wait`` seconds (``None``: 429s count as retries). ``precision`` is the local
+    model's (``"fp32"``, ``"fp16"``/``"bf16"`` on CUDA, gated ``"int8"`` on the CPU; see README).
     Every option is kept in ``.config``, a :class:`~embedpipe.PipelineConfig`.
     """
 
@@ -52,7 +53,8 @@ class EmbeddingPipeline:
                  price_per_1m_tokens: float | None = None, api_key: str | None = None, base_url: str | None = None,
                  errors: Errors = "raise", cache_queries: bool = True, retry_wait: Any = None,
                  sleep: Callable[[float], Awaitable[None]] | None = None, hooks: Iterable[Hook] = (),
-                 credentials: str | None = None, provider_options: dict[str, Any] | None = None) -> None:
+                 credentials: str | None = None, provider_options: dict[str, Any] | None = None,
+                 precision: str | None = None) -> None:
         config = PipelineConfig(
             model=model, dimensions=dimensions, cache=DEFAULT_CACHE if cache is _DEFAULT else cache,
             namespace=namespace, batch_size=batch_size, max_concurrency=max_concurrency, rpm=rpm, tpm=tpm,
@@ -60,7 +62,8 @@ class EmbeddingPipeline:
             timeout=timeout, max_batch_tokens=max_batch_tokens,
             on_long_input=on_long_input, budget_usd=budget_usd, price_per_1m_tokens=price_per_1m_tokens,
             base_url=base_url, errors=errors, cache_queries=cache_queries, credentials=credentials,
-            provider_options=provider_options or {}, hooks=tuple(hooks), retry_wait=retry_wait, sleep=sleep)
+            provider_options={**(provider_options or {}), **({"precision": precision} if precision else {})},
+            hooks=tuple(hooks), retry_wait=retry_wait, sleep=sleep)
         self._setup(config, api_key)
 
     @classmethod

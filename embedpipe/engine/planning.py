@@ -7,6 +7,8 @@ share them.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -196,7 +198,13 @@ def cut_pieces(call: Call, misses: list[int], tokenizer: Tokenizer, limit: int |
     if not misses:
         return cut
     texts = [u for u in misses if isinstance(call.unique[u], str)]
-    counts = dict(zip(texts, tokenizer.count([call.unique[u] for u in texts]), strict=True))
+    batch = [call.unique[u] for u in texts]
+    if limit is not None and on_long_input != "split" and takes_cap(tokenizer):
+        # Only "over the limit?" matters: a text need not be counted past it.
+        raw = tokenizer.count(batch, cap=limit)  # type: ignore[call-arg]
+    else:
+        raw = tokenizer.count(batch)
+    counts = dict(zip(texts, raw, strict=True))
     for u in misses:
         text = call.unique[u]
         n = counts.get(u)
@@ -218,6 +226,19 @@ def cut_pieces(call: Call, misses: list[int], tokenizer: Tokenizer, limit: int |
         else:
             cut.too_long.append(u)
     return cut
+
+
+@functools.lru_cache(maxsize=64)
+def _count_takes_cap(kind: type) -> bool:
+    try:
+        return "cap" in inspect.signature(kind.count).parameters  # type: ignore[attr-defined]
+    except (TypeError, ValueError, AttributeError):
+        return False
+
+
+def takes_cap(tokenizer: Tokenizer) -> bool:
+    """Whether ``tokenizer.count`` accepts ``cap=`` (see :class:`~embedpipe.providers.base.Tokenizer`)."""
+    return _count_takes_cap(type(tokenizer))
 
 
 def plan_batches(pieces: list[Piece], batch_size: int, max_tokens: int | None) -> list[list[Piece]]:

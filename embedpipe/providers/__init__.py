@@ -22,7 +22,7 @@ def _fake(name: str, **opts: Any) -> Provider:
 def _local(name: str, **opts: Any) -> Provider:
     from embedpipe.providers.local import LocalProvider
 
-    return LocalProvider(name, **{k: v for k, v in opts.items() if k in ("device", "encode_batch_size")})
+    return LocalProvider(name, **{k: v for k, v in opts.items() if k in ("device", "encode_batch_size", "precision")})
 
 
 def _openai(name: str, **opts: Any) -> Provider:

@@ -59,7 +59,12 @@ class Tokenizer(Protocol):
     """Counts and cuts text the way the provider's model sees it."""
 
     def count(self, texts: Sequence[str]) -> list[int]:
-        """Token count of each text (no special tokens)."""
+        """Token count of each text (no special tokens).
+
+        A tokenizer may also take ``cap=``: then a text over ``cap`` tokens may report any count
+        above ``cap`` (counting its prefix alone). The engine passes it when it only needs to know
+        "over the limit" (``on_long_input`` "truncate" or "error"), never for "split".
+        """
         ...
 
     def split(self, text: str, max_tokens: int) -> list[tuple[str, int]]:
