@@ -92,3 +92,44 @@ def test_a_waiting_call_embeds_itself_when_the_owner_fails(openai_server: OpenAI
         first, second = asyncio.run(main(pipe))
     assert first.failures and first.failures[0].kind == "retries_exhausted"
     assert not second.failures and second[0] is not None
+
+
+WORKER = """
+import random, sys
+from embedpipe import EmbeddingPipeline
+base, cache, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
+texts = [f"process paragraph {i}" for i in range(3000)]
+random.Random(seed).shuffle(texts)
+with EmbeddingPipeline("openai:text-embedding-3-small", base_url=base, api_key="sk-test", cache=cache,
+                       batch_size=50, max_concurrency=4) as pipe:
+    for start in range(0, len(texts), 500):
+        out = pipe.embed(texts[start:start + 500])
+        assert len(out) == 500
+    print(pipe.stats.embedded, pipe.stats.hits)
+"""
+
+
+@pytest.mark.parametrize("store", ["sqlite", "redis"])
+def test_4_processes_on_one_cache_pay_once_per_text(openai_server: OpenAITestServer, tmp_path: Any, store: str,
+                                                     request: pytest.FixtureRequest) -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if store == "sqlite":
+        cache = f"sqlite:///{tmp_path}/shared.db"
+    else:
+        cache = f"{request.getfixturevalue('redis_url')}?namespace={request.getfixturevalue('redis_namespace')}"
+    openai_server.control.configure(latency=0.05)
+    root = Path(__file__).resolve().parents[1]
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, openai_server.base_url, cache, str(k)], cwd=root,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in range(4)]
+    outs = [p.communicate(timeout=240) for p in procs]
+    for p, (out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-2000:]
+    billed = openai_server.ledger.times_billed
+    assert len(billed) == 3000
+    twice = sum(v > 1 for v in billed.values())
+    assert twice == 0, f"{twice} of 3,000 texts billed twice"
+    embedded = sum(int(o.split()[0]) for o, _ in outs)
+    assert embedded == 3000

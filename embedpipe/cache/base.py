@@ -41,7 +41,7 @@ class CacheStats:
 
 
 #: the I/O methods whose library errors the base maps into CacheError
-_MAPPED_METHODS = ("get_many", "set_many", "delete", "clear", "prune")
+_MAPPED_METHODS = ("get_many", "set_many", "delete", "clear", "prune", "claim", "release")
 
 
 def _mapped(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -132,6 +132,34 @@ class CacheBackend:
         for key, value in zip(keys, self.get_many(keys), strict=True):
             if value is not None:
                 yield key, value
+
+    # -- claims: single-flight across processes ----------------------------------------
+    #: True when :meth:`claim` coordinates processes (SQLite, Redis); the base claims everything
+    supports_claims: bool = False
+
+    def claim(self, keys: Sequence[str], owner: str, ttl: float) -> list[bool]:
+        """Claim ``keys`` for ``owner`` for ``ttl`` seconds; ``True`` where this owner now holds the claim.
+
+        A key another live owner claimed is ``False``: that owner is embedding it, and its vector
+        will appear in the cache. A claim expires after ``ttl``, so a dead process never blocks a
+        key for long. Override with :meth:`release` in a store shared by processes.
+        """
+        return [True] * len(keys)
+
+    def release(self, keys: Sequence[str], owner: str) -> None:
+        """Drop ``owner``'s claims on ``keys`` (absent or foreign claims are left alone)."""
+
+    async def aclaim(self, keys: Sequence[str], owner: str, ttl: float) -> list[bool]:
+        """Async twin of :meth:`claim`."""
+        if not self.supports_claims:
+            return [True] * len(keys)
+        result: list[bool] = await self._run(self.claim, keys, owner, ttl)
+        return result
+
+    async def arelease(self, keys: Sequence[str], owner: str) -> None:
+        """Async twin of :meth:`release`."""
+        if self.supports_claims:
+            await self._run(self.release, keys, owner)
 
     def stats(self) -> CacheStats:
         """Size, entries and this process's hit counts."""

@@ -15,6 +15,12 @@ from embedpipe.errors import CacheUnavailableError, ConfigurationError
 log = logging.getLogger("embedpipe.cache")
 
 _CHUNK = 1000  # keys per MGET / pipeline: bounded request size
+_RELEASE_LUA = """
+for i, key in ipairs(KEYS) do
+    if redis.call('GET', key) == ARGV[1] then redis.call('DEL', key) end
+end
+return 0
+"""
 
 
 class RedisCache(CacheBackend):
@@ -41,12 +47,16 @@ class RedisCache(CacheBackend):
         self.on_error = on_error
         self.socket_timeout = socket_timeout
         self.prefix = f"embedpipe:{namespace or 'default'}:"
+        # Claims live beside the values under their own prefix, so yield_keys never lists them.
+        self._claim_prefix = f"embedpipe-claim:{namespace or 'default'}:"
         self._redis_errors: tuple[type[BaseException], ...] = (redis.ConnectionError, redis.TimeoutError)
         self.library_errors = (redis.RedisError, OSError)
         self._client = client if client is not None else redis.Redis.from_url(
             url, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout)
         self._warned = False
         self._warn_lock = threading.Lock()
+        # Delete a claim only if this owner still holds it (one script: compare and delete atomically).
+        self._release = self._client.register_script(_RELEASE_LUA)
 
     @classmethod
     def from_url(cls, url: URL) -> RedisCache:
@@ -99,6 +109,36 @@ class RedisCache(CacheBackend):
                 self._client.unlink(*[self.prefix + k for k in keys[start:start + _CHUNK]])
         except self._redis_errors as exc:
             self._fail(exc, "delete")
+
+    supports_claims = True
+
+    def claim(self, keys: Sequence[str], owner: str, ttl: float) -> list[bool]:
+        # SET NX PX per key: atomic per key, and the expiry frees a dead process's claims.
+        # An unreachable Redis claims everything: the cache is down, so there is nothing to share.
+        out: list[bool] = []
+        try:
+            for start in range(0, len(keys), _CHUNK):
+                pipe = self._client.pipeline(transaction=False)
+                part = keys[start:start + _CHUNK]
+                for key in part:
+                    pipe.set(self._claim_prefix + key, owner, nx=True, px=int(ttl * 1000))
+                for key in part:
+                    pipe.get(self._claim_prefix + key)
+                replies = pipe.execute()
+                holders = replies[len(part):]
+                out.extend((h.decode() if isinstance(h, bytes) else h) == owner for h in holders)
+        except self._redis_errors as exc:
+            self._fail(exc, "claim")
+            return [True] * len(keys)
+        return out
+
+    def release(self, keys: Sequence[str], owner: str) -> None:
+        try:
+            for start in range(0, len(keys), _CHUNK):
+                part = [self._claim_prefix + k for k in keys[start:start + _CHUNK]]
+                self._release(keys=part, args=[owner])
+        except self._redis_errors as exc:
+            self._fail(exc, "release")
 
     def yield_keys(self, prefix: str | None = None) -> Iterator[str]:
         n = len(self.prefix)

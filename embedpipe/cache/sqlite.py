@@ -24,6 +24,8 @@ CREATE TABLE IF NOT EXISTS entries (
 CREATE INDEX IF NOT EXISTS entries_accessed ON entries(accessed);
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT OR IGNORE INTO meta VALUES ('bytes', 0), ('entries', 0);
+-- Short claims: which process is embedding a key right now (single-flight across processes).
+CREATE TABLE IF NOT EXISTS claims (key TEXT PRIMARY KEY, owner TEXT NOT NULL, expires REAL NOT NULL);
 -- Triggers keep the size current inside each writer's own transaction, so a size
 -- check is one row read even with many processes writing, never a full scan.
 CREATE TRIGGER IF NOT EXISTS entries_ins AFTER INSERT ON entries BEGIN
@@ -192,6 +194,34 @@ class SQLiteCache(CacheBackend):
 
         if ks:
             self._write(write)
+
+    supports_claims = True
+
+    def claim(self, keys: Sequence[str], owner: str, ttl: float) -> list[bool]:
+        if not keys:
+            return []
+        now = time.time()
+        held: dict[str, str] = {}
+
+        def write(c: sqlite3.Connection) -> None:
+            for start in range(0, len(keys), 400):
+                part = list(keys[start:start + 400])
+                marks = ",".join("?" * len(part))
+                c.execute(f"DELETE FROM claims WHERE key IN ({marks}) AND expires < ?", [*part, now])
+                c.executemany("INSERT OR IGNORE INTO claims VALUES (?, ?, ?)", [(k, owner, now + ttl) for k in part])
+                held.update(c.execute(f"SELECT key, owner FROM claims WHERE key IN ({marks})", part).fetchall())
+
+        self._write(write)
+        return [held.get(k) == owner for k in keys]
+
+    def release(self, keys: Sequence[str], owner: str) -> None:
+        if not keys:
+            return
+
+        def write(c: sqlite3.Connection) -> None:
+            c.executemany("DELETE FROM claims WHERE key = ? AND owner = ?", [(k, owner) for k in keys])
+
+        self._write(write)
 
     def yield_keys(self, prefix: str | None = None) -> Iterator[str]:
         conn = self._conn()

@@ -18,7 +18,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 import time
+import uuid
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -86,6 +89,10 @@ REQUESTS_PER_TOKEN_BUCKET = 8
 WRONG_DIMS_LIMIT = 3
 #: seconds the local stand-in limits alone before the shared limiter's store is tried again
 LIMITER_RETRY_SECONDS = 5.0
+#: how long a claim on a key in a shared cache lasts: a dead process blocks others no longer than this
+CLAIM_TTL_SECONDS = 60.0
+#: first pause between looks for a vector another process is embedding (grows to 1 s)
+CLAIM_POLL_SECONDS = 0.05
 
 Result = tuple[np.ndarray, dict[int, Failure], bool, Stats]
 
@@ -151,6 +158,9 @@ class Engine:
         #: the local limiter that stands in while the shared one's store is down (fail open)
         self._fallback: RateLimiter | None = None
         self._limiter_down_until = -1.0
+        #: this engine's name in claims on a cache shared by processes, and how long a claim lasts
+        self._owner = f"{socket.gethostname()}:{uuid.uuid4().hex[:12]}"
+        self.claim_ttl = CLAIM_TTL_SECONDS
         #: after a 429, one request at a time probes until one succeeds (see :meth:`send`)
         self._storm = False
         self._probe: asyncio.Lock | None = None
@@ -406,7 +416,9 @@ class Engine:
             mine[u] = self._flights[keys[u]] = loop.create_future()
         try:
             if own:
-                await self._embed_own(call, own, mine)
+                foreign = await self._claim_and_embed(call, own, mine)
+                if foreign:
+                    await self._await_foreign(call, foreign, mine)
         finally:
             finished = False
             for u, fut in mine.items():
@@ -427,6 +439,52 @@ class Engine:
         if again:
             call.stats.add(misses=len(again), deduped=-len(again))
             await self.embed_misses(call, again)
+
+    @property
+    def owner(self) -> str:
+        """This engine's name in cross-process claims (the pid changes after a fork, and so does the name)."""
+        return f"{self._owner}:{os.getpid()}"
+
+    async def _claim_and_embed(self, call: Call, own: list[int],
+                               flights: dict[int, asyncio.Future[np.ndarray | None]]) -> list[int]:
+        """Claim ``own`` in a cache shared by processes and embed what this engine claimed; return the
+        inputs another live process has claimed (it is embedding them: their vectors will appear)."""
+        cache = self.cache
+        if cache is None or call.keys is None or not cache.supports_claims:
+            await self._embed_own(call, own, flights)
+            return []
+        keys = call.keys
+        ok: Sequence[bool] = [True] * len(own)
+        with self.cache_guard(call, "claim"):
+            ok = await cache.aclaim([keys[u] for u in own], self.owner, self.claim_ttl)
+        claimed = [u for u, mine in zip(own, ok, strict=True) if mine]
+        try:
+            # A claim freed since our cache read may have been freed by a process that finished the key:
+            # owners write the cache before releasing, so one more read after claiming sees its vector.
+            todo = await self._reread(call, claimed)
+            for u in claimed:
+                if call.vectors[u] is not None and not flights[u].done():
+                    flights[u].set_result(call.vectors[u])
+            if todo:
+                await self._embed_own(call, todo, flights)
+        finally:
+            with self.cache_guard(call, "release"):
+                await cache.arelease([keys[u] for u in claimed], self.owner)
+        return [u for u, mine in zip(own, ok, strict=True) if not mine]
+
+    async def _await_foreign(self, call: Call, foreign: list[int],
+                             flights: dict[int, asyncio.Future[np.ndarray | None]]) -> None:
+        """Wait for another process's vectors (read as cache hits); claim and embed any whose claim expired."""
+        pause = CLAIM_POLL_SECONDS
+        while foreign:
+            await asyncio.sleep(pause)
+            pause = min(pause * 1.5, 1.0)
+            foreign = await self._reread(call, foreign)
+            for u in list(flights):
+                if call.vectors[u] is not None and not flights[u].done():
+                    flights[u].set_result(call.vectors[u])
+            if foreign:
+                foreign = await self._claim_and_embed(call, foreign, flights)
 
     async def _reread(self, call: Call, us: list[int]) -> list[int]:
         """Read ``us`` from the cache again; apply what is there now and return the rest."""
