@@ -292,7 +292,7 @@ def test_a_sqlite_cache_error_is_mapped_and_the_call_goes_on(tmp_path: Any) -> N
         with pytest.raises(CacheError):
             cache.get_many(["k"])
         out = pipe.embed(["warm", "new"])
-        assert len(out) == 2 and out.stats.cache_errors == 2 and out.stats.embedded == 2
+        assert len(out) == 2 and out.stats.cache_errors >= 2 and out.stats.embedded == 2
 
 
 def test_calls_after_close_raise_pipeline_closed() -> None:

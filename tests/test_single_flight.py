@@ -125,7 +125,7 @@ def test_4_processes_on_one_cache_pay_once_per_text(openai_server: OpenAITestSer
     procs = [subprocess.Popen([sys.executable, "-c", WORKER, openai_server.base_url, cache, str(k)], cwd=root,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in range(4)]
     outs = [p.communicate(timeout=240) for p in procs]
-    for p, (out, err) in zip(procs, outs, strict=True):
+    for p, (_out, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-2000:]
     billed = openai_server.ledger.times_billed
     assert len(billed) == 3000
