@@ -23,7 +23,7 @@ from embedpipe.limits import RateLimiter
 from embedpipe.providers.framework import FrameworkProvider
 
 log = logging.getLogger("embedpipe")
-dispatcher = instrument.get_dispatcher(__name__)
+dispatcher = instrument.get_dispatcher(__name__)  # type: ignore[attr-defined]  # re-exported without __all__
 
 #: BaseEmbedding fields with LlamaIndex's own meaning, which embedpipe replaces: name -> (default, what to use)
 _REPLACED: dict[str, tuple[Any, str]] = {
