@@ -31,12 +31,48 @@ def _openai(name: str, **opts: Any) -> Provider:
     return OpenAIProvider(name, **opts)
 
 
-#: spec prefix -> factory(name, **options). Cohere, Voyage... register here.
-PROVIDERS: dict[str, Callable[..., Provider]] = {"fake": _fake, "local": _local, "openai": _openai}
+def _cohere(name: str, **opts: Any) -> Provider:
+    from embedpipe.providers.cohere import CohereProvider
+
+    return CohereProvider(name, **opts)
+
+
+def _voyage(name: str, **opts: Any) -> Provider:
+    from embedpipe.providers.voyage import VoyageProvider
+
+    return VoyageProvider(name, **opts)
+
+
+def _azure(name: str, **opts: Any) -> Provider:
+    from embedpipe.providers.azure import AzureOpenAIProvider
+
+    return AzureOpenAIProvider(name, **opts)
+
+
+def _gemini(name: str, **opts: Any) -> Provider:
+    from embedpipe.providers.gemini import GeminiProvider
+
+    return GeminiProvider(name, **opts)
+
+
+def _bedrock(name: str, **opts: Any) -> Provider:
+    from embedpipe.providers.bedrock import BedrockProvider
+
+    return BedrockProvider(name, **opts)
+
+
+#: spec prefix -> factory(name, **options); each imports its SDK only when used
+PROVIDERS: dict[str, Callable[..., Provider]] = {
+    "fake": _fake, "local": _local, "openai": _openai, "cohere": _cohere, "voyage": _voyage, "azure": _azure,
+    "gemini": _gemini, "bedrock": _bedrock,
+}
 
 
 def provider_from_spec(spec: str, **options: Any) -> Provider:
-    """Build a provider from ``"local:all-MiniLM-L6-v2"``, ``"fake:384"``, ``"openai:text-embedding-3-small"``..."""
+    """Build a provider from a spec: ``"local:all-MiniLM-L6-v2"``, ``"cohere:embed-v4.0"``, ``"fake:384"``...
+
+    ``options`` go to the provider's constructor (``api_key``, ``base_url``, ``dimensions`` and its own).
+    """
     if not isinstance(spec, str) or ":" not in spec:
         raise ConfigurationError(
             f"model {spec!r} is not a spec 'provider:name'; known providers: {sorted(PROVIDERS)} "
