@@ -133,6 +133,7 @@ class GeminiProvider(Provider):
             max_input_tokens=max_input_tokens or (known.max_input_tokens if known else None),
             price_per_1m_units=price_of("gemini", model)))
         self._client: Any = None
+        self._http: Any = None
 
     def identity(self) -> dict[str, Any]:
         ident: dict[str, Any] = {"base_url": self.base_url, "normalize": self.normalize}
@@ -152,13 +153,18 @@ class GeminiProvider(Provider):
 
     def _get_client(self) -> Any:
         if self._client is None:
+            import httpx
             from google import genai
             from google.genai import types
 
+            # Our own httpx client: google-genai would otherwise pick aiohttp when it is installed
+            # (voyageai pulls it in), whose session subclass warns on import; close() releases it.
+            self._http = httpx.AsyncClient(timeout=self.timeout)
             # attempts=1: embedpipe retries (tenacity); two layers would multiply the waits.
             options = types.HttpOptions(base_url=self.base_url, api_version=self.api_version,
                                         timeout=int(self.timeout * 1000) if self.timeout else None,
-                                        retry_options=types.HttpRetryOptions(attempts=1))
+                                        retry_options=types.HttpRetryOptions(attempts=1),
+                                        httpx_async_client=self._http)
             self._client = genai.Client(api_key=self._api_key, http_options=options).aio
         return self._client
 
@@ -191,13 +197,15 @@ class GeminiProvider(Provider):
         return BatchResult(vectors, tokens=_usage(response), headers=lower_headers(getattr(http, "headers", None)))
 
     def close(self) -> None:
-        client, self._client = self._client, None
+        client, http, self._client, self._http = self._client, self._http, None, None
         if client is not None:
             close_on_runner(client.aclose)
+        if http is not None:
+            close_on_runner(http.aclose)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_client"] = None
+        state["_client"] = state["_http"] = None
         return state
 
 
