@@ -462,3 +462,15 @@ def test_budget_stops_spending(server: ProviderTestServer) -> None:
     with pipe_for(cohere(server), budget_usd=1e-9) as pipe, pytest.raises(BudgetExceededError):
         pipe.embed_array([f"too expensive {i}" for i in range(5)])
     assert server.ledger("cohere").requests == 0
+
+
+def test_output_dtype_reaches_only_providers_that_ask_for_it(server: ProviderTestServer) -> None:
+    """The engine passes output_dtype to every spec; a float-only provider ignores it, and the engine quantizes."""
+    titan = bedrock(server, output_dtype="int8")
+    assert "int8" not in titan.native_output_dtypes  # type: ignore[attr-defined]
+    result = run(titan, ["vav"])
+    assert not isinstance(result, QuantizedBatchResult) and result.vectors.dtype == np.float32
+    assert "embeddingTypes" not in server.ledger("bedrock").bodies[-1]
+    g = made(provider_from_spec("gemini:gemini-embedding-001", api_key="g", base_url=server.url, output_dtype="int8"))
+    assert not hasattr(g, "output_dtype")
+    assert "int8" in cohere(server, output_dtype="int8").native_output_dtypes  # type: ignore[attr-defined]

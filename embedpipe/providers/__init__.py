@@ -9,9 +9,16 @@ from embedpipe.errors import ConfigurationError
 from embedpipe.providers.base import BatchResult, Provider, Role, Tokenizer
 
 
+def _float_only(opts: dict[str, Any]) -> dict[str, Any]:
+    """Drop ``output_dtype`` for a provider that only returns floats: the engine quantizes those itself."""
+    opts.pop("output_dtype", None)
+    return opts
+
+
 def _fake(name: str, **opts: Any) -> Provider:
     from embedpipe.providers.fake import FakeProvider
 
+    _float_only(opts)
     try:
         dims = int(name)
     except ValueError:
@@ -22,13 +29,14 @@ def _fake(name: str, **opts: Any) -> Provider:
 def _local(name: str, **opts: Any) -> Provider:
     from embedpipe.providers.local import LocalProvider
 
+    _float_only(opts)
     return LocalProvider(name, **{k: v for k, v in opts.items() if k in ("device", "encode_batch_size")})
 
 
 def _openai(name: str, **opts: Any) -> Provider:
     from embedpipe.providers.openai import OpenAIProvider
 
-    return OpenAIProvider(name, **opts)
+    return OpenAIProvider(name, **_float_only(opts))
 
 
 def _cohere(name: str, **opts: Any) -> Provider:
@@ -46,13 +54,13 @@ def _voyage(name: str, **opts: Any) -> Provider:
 def _azure(name: str, **opts: Any) -> Provider:
     from embedpipe.providers.azure import AzureOpenAIProvider
 
-    return AzureOpenAIProvider(name, **opts)
+    return AzureOpenAIProvider(name, **_float_only(opts))
 
 
 def _gemini(name: str, **opts: Any) -> Provider:
     from embedpipe.providers.gemini import GeminiProvider
 
-    return GeminiProvider(name, **opts)
+    return GeminiProvider(name, **_float_only(opts))
 
 
 def _bedrock(name: str, **opts: Any) -> Provider:
@@ -72,6 +80,8 @@ def provider_from_spec(spec: str, **options: Any) -> Provider:
     """Build a provider from a spec: ``"local:all-MiniLM-L6-v2"``, ``"cohere:embed-v4.0"``, ``"fake:384"``...
 
     ``options`` go to the provider's constructor (``api_key``, ``base_url``, ``dimensions`` and its own).
+    ``output_dtype`` reaches only the providers that can ask for compact types (Cohere, Voyage,
+    Bedrock); the others return floats, which the engine quantizes itself.
     """
     if not isinstance(spec, str) or ":" not in spec:
         raise ConfigurationError(

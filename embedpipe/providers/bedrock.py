@@ -101,7 +101,8 @@ class BedrockProvider(Provider):
     bearer token. ``base_url`` (alias ``endpoint_url``) points at a VPC endpoint or a test server.
     Titan: one text per call, so requests go out concurrently rather than batched; ``dimensions``
     (256/512/1024) and ``normalize`` (default True) enter the body; ``output_dtype`` binary/ubinary is
-    asked of Titan natively (``embeddingTypes``). Cohere: ``input_type`` from the role, ``truncate``,
+    asked of Titan natively (``embeddingTypes``), int8/uint8 are not (Titan answers floats, for the
+    engine to quantize: see :attr:`native_output_dtypes`). Cohere: ``input_type`` from the role, ``truncate``,
     and every ``output_dtype`` natively (``embedding_types``).
     """
 
@@ -125,10 +126,6 @@ class BedrockProvider(Provider):
         if self.family == "titan":
             if input_type is not None:
                 raise ConfigurationError("input_type= is a Cohere option; Titan embeds queries and documents alike")
-            if self.output_dtype in ("int8", "uint8"):
-                raise ConfigurationError(f"Titan returns float or binary embeddings; output_dtype="
-                                         f"{self.output_dtype!r} is quantized by embedpipe instead (leave it to "
-                                         "the pipeline)")
             if dimensions is not None and known is not None and dimensions not in known.output_dimensions:
                 raise ConfigurationError(f"dimensions={dimensions} for {model}: use one of {known.output_dimensions}")
         elif dimensions is not None:
@@ -175,7 +172,7 @@ class BedrockProvider(Provider):
             ident["truncate"] = self.truncate
             if self.input_type is not None:
                 ident["input_type"] = self.input_type
-        if self.output_dtype != "float32":
+        if self.output_dtype in self.native_output_dtypes:
             ident["embedding_type"] = self.output_dtype
         return ident
 
