@@ -23,7 +23,8 @@ from benchmarks.scenario import Context, Result, Table, Unavailable
 
 NAME = "compact"
 TITLE = "Compact output types"
-GOAL = "int8 stores a vector in about 1/4 and binary in about 1/32 of float32's bytes; report the Recall@10 each keeps"
+GOAL = ("a cached 1024-d vector ≥ 3.9× smaller as int8 and ≥ 29× smaller as binary than as float32 (header "
+        "included); the Recall@10 each keeps reported")
 
 DIMS = (384, 1024, 1536, 3072)
 
@@ -107,7 +108,7 @@ def run(ctx: Context) -> Result:
     except Unavailable as exc:
         notes.append(f"Recall@10 not measured: {exc}")
     b = size_data[1024]
-    return Result(NAME, TITLE, GOAL, goal_met=b["float32"] / b["int8"] > 3.9 and b["float32"] / b["binary"] > 30,
+    return Result(NAME, TITLE, GOAL, goal_met=b["float32"] / b["int8"] >= 3.9 and b["float32"] / b["binary"] >= 29,
                   headline=(f"At 1024 dims a cached vector takes {b['float32']:,} B as float32, {b['int8']:,} B as "
                             f"int8 and {b['binary']:,} B as binary."),
                   tables=tables, notes=notes, data=data)
