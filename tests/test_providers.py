@@ -474,3 +474,18 @@ def test_output_dtype_reaches_only_providers_that_ask_for_it(server: ProviderTes
     g = made(provider_from_spec("gemini:gemini-embedding-001", api_key="g", base_url=server.url, output_dtype="int8"))
     assert not hasattr(g, "output_dtype")
     assert "int8" in cohere(server, output_dtype="int8").native_output_dtypes  # type: ignore[attr-defined]
+
+
+def test_specs_through_the_pipeline_options(server: ProviderTestServer) -> None:
+    """The pipeline's own api_key/base_url/dimensions reach each provider built from a spec (and it closes them)."""
+    with EmbeddingPipeline("cohere:embed-v4.0", api_key="co-test", base_url=server.url, dimensions=256,
+                           cache="memory://") as pipe:
+        assert pipe.embed_array(["spec"]).shape == (1, 256)
+    assert server.ledger("cohere").bodies[-1]["output_dimension"] == 256
+    with EmbeddingPipeline("gemini:gemini-embedding-001", api_key="g-test", base_url=server.url,
+                           cache="memory://") as pipe:
+        assert pipe.embed_array(["spec"]).shape == (1, 3072)
+    with EmbeddingPipeline("voyage:voyage-4-lite", api_key="pa-test", base_url=f"{server.url}/v1",
+                           cache="memory://") as pipe:
+        assert pipe.provider.info.max_batch_tokens == 1_000_000
+        assert pipe.embed_array(["spec"]).shape == (1, 1024)
