@@ -33,6 +33,7 @@ SCENARIOS = {
     "estimate": "benchmarks.estimate",
     "memory": "benchmarks.memory",
     "overhead": "benchmarks.overhead",
+    "compact": "benchmarks.compact",
 }
 
 REPO = Path(__file__).resolve().parents[1]

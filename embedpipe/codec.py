@@ -1,9 +1,16 @@
-"""Cache values: compact binary float32 with a 12-byte header.
+"""Cache values: compact binary vectors with a 12-byte header.
 
 Layout (little-endian): ``b"EP"`` magic, format version (u8), dtype code (u8),
-dims (u32), token count of the text (u32), then ``dims`` float32 values. A value is
-therefore ``4 * dims + 12`` bytes. It is never pickle and never JSON: decoding a
-foreign or damaged value can only fail, never execute anything.
+dims (u32), token count of the text (u32), then the payload. It is never pickle and
+never JSON: decoding a foreign or damaged value can only fail, never execute anything.
+
+* Version 1, float32 (code 1): ``dims`` float32 values, ``4 * dims + 12`` bytes. Float
+  vectors are still written as version 1, so caches written before version 2 existed
+  and caches read by older embedpipe releases stay valid both ways.
+* Version 2, the compact output types of :mod:`embedpipe.quantize`:
+  ``int8`` (code 2) and ``uint8`` (code 3): a float32 per-vector scale then ``dims``
+  bytes, ``dims + 16`` bytes; ``binary`` (code 4) and ``ubinary`` (code 5): the sign bits
+  packed eight to a byte, ``ceil(dims / 8) + 12`` bytes.
 """
 
 from __future__ import annotations
@@ -14,11 +21,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from embedpipe.quantize import QUANTIZED_DTYPES, OutputDtype, QuantizedArray, packed_width
+
 MAGIC = b"EP"
 VERSION = 1
+#: the version of values holding a compact output type
+VERSION_COMPACT = 2
 DTYPE_FLOAT32 = 1
+DTYPE_CODES: dict[str, int] = {"float32": 1, "int8": 2, "uint8": 3, "binary": 4, "ubinary": 5}
+_DTYPE_NAMES = {code: name for name, code in DTYPE_CODES.items()}
 _HEADER = struct.Struct("<2sBBII")
 HEADER_SIZE = _HEADER.size  # 12
+_SCALE = struct.Struct("<f")
 
 
 class CorruptValueError(ValueError):
@@ -106,3 +120,102 @@ def decode_many(values: Sequence[bytes], dims: int | None) -> tuple[Decoded, lis
         tokens = [tokens[i] for i in keep]
         good = [good[i] for i in keep]
     return Decoded(good, arr, tokens), bad
+
+
+# ---------------------------------------------------------------------------------- compact types
+def value_size(dims: int, dtype: OutputDtype = "float32") -> int:
+    """Bytes one encoded value of ``dims`` dimensions takes, header included."""
+    if dtype == "float32":
+        return HEADER_SIZE + 4 * dims
+    if dtype in ("int8", "uint8"):
+        return HEADER_SIZE + _SCALE.size + dims
+    if dtype in ("binary", "ubinary"):
+        return HEADER_SIZE + packed_width(dims)
+    raise ValueError(f"unknown dtype {dtype!r}")
+
+
+def value_dtype(value: bytes) -> str:
+    """The output type a value holds (``"float32"``, ``"int8"``…), or raise :class:`CorruptValueError`."""
+    if len(value) < HEADER_SIZE:
+        raise CorruptValueError(f"value of {len(value)} bytes is shorter than the header")
+    magic, version, code, _, _ = _HEADER.unpack_from(value)
+    if magic != MAGIC:
+        raise CorruptValueError("not an embedpipe value (bad magic)")
+    name = _DTYPE_NAMES.get(code)
+    if name is None or version != (VERSION if name == "float32" else VERSION_COMPACT):
+        raise CorruptValueError(f"unsupported value format version={version} dtype={code}")
+    return name
+
+
+def encode_quantized(q: QuantizedArray, tokens: Sequence[int]) -> list[bytes]:
+    """Encode each vector of a :class:`~embedpipe.quantize.QuantizedArray` (version 2)."""
+    code = DTYPE_CODES[q.dtype]
+    scaled = q.dtype in ("int8", "uint8")
+    out = []
+    for row, scale, t in zip(q.values, q.scales, tokens, strict=True):
+        head = _HEADER.pack(MAGIC, VERSION_COMPACT, code, q.dimensions, max(0, int(t)))
+        out.append(head + (_SCALE.pack(float(scale)) if scaled else b"") + np.ascontiguousarray(row).tobytes())
+    return out
+
+
+@dataclass(frozen=True)
+class DecodedQuantized:
+    """Decoded compact values: ``positions`` of those that decoded, their vectors and token counts."""
+
+    positions: list[int]
+    vectors: QuantizedArray
+    tokens: list[int]
+
+
+def decode_quantized_many(values: Sequence[bytes], dims: int | None,
+                          dtype: OutputDtype) -> tuple[DecodedQuantized, list[int]]:
+    """Decode version-2 values of one compact ``dtype`` and equal dims.
+
+    Returns the decoded vectors and the positions of corrupt values: bad header, another
+    dtype (a float32 value where int8 is expected counts as corrupt: the key names the type),
+    wrong size or dims, a non-finite or non-positive scale, or set padding bits.
+    """
+    if dtype not in QUANTIZED_DTYPES:
+        raise ValueError(f"decode_quantized_many takes one of {QUANTIZED_DTYPES}, not {dtype!r}")
+    code = DTYPE_CODES[dtype]
+    scaled = dtype in ("int8", "uint8")
+    good: list[int] = []
+    bad: list[int] = []
+    tokens: list[int] = []
+    rows: list[bytes] = []
+    scales: list[float] = []
+    d_seen = dims
+    for i, value in enumerate(values):
+        if len(value) < HEADER_SIZE:
+            bad.append(i)
+            continue
+        magic, version, c, d, t = _HEADER.unpack_from(value)
+        width = d if scaled else packed_width(d)
+        if magic != MAGIC or version != VERSION_COMPACT or c != code or (d_seen is not None and d != d_seen) \
+                or len(value) != HEADER_SIZE + (_SCALE.size if scaled else 0) + width:
+            bad.append(i)
+            continue
+        offset = HEADER_SIZE
+        if scaled:
+            (scale,) = _SCALE.unpack_from(value, HEADER_SIZE)
+            if not (np.isfinite(scale) and scale > 0):
+                bad.append(i)
+                continue
+            scales.append(scale)
+            offset += _SCALE.size
+        else:
+            # Bits past dims in the last byte are zero in every value we write.
+            if d % 8 and value[-1] & ((1 << (8 - d % 8)) - 1):
+                bad.append(i)
+                continue
+            scales.append(1.0)
+        d_seen = d
+        good.append(i)
+        tokens.append(t)
+        rows.append(value[offset:])
+    d_out = d_seen or 0
+    width = d_out if scaled else packed_width(d_out)
+    np_dtype = np.int8 if dtype == "int8" else np.uint8
+    arr = np.frombuffer(b"".join(rows), dtype=np_dtype).reshape(len(rows), width).copy()
+    q = QuantizedArray(dtype, d_out, arr, np.asarray(scales, dtype=np.float32))
+    return DecodedQuantized(good, q, tokens), bad

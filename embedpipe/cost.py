@@ -26,6 +26,63 @@ OPENAI_MODELS: dict[str, ModelInfo] = {
 }
 
 
+@dataclass(frozen=True)
+class Price:
+    """USD per million input tokens of one hosted model, with where and when it was read."""
+
+    usd_per_1m_tokens: float
+    source: str
+    as_of: str
+
+
+_COHERE = "https://cohere.com/pricing"
+_VOYAGE = "https://docs.voyageai.com/docs/pricing"
+_GEMINI = "https://ai.google.dev/gemini-api/docs/pricing"
+_BEDROCK = "https://aws.amazon.com/bedrock/pricing/"
+_OPENAI = "https://openai.com/api/pricing"
+
+#: provider -> model -> price. A model missing here has an unknown price (``None``), never $0.
+#: Azure OpenAI bills the OpenAI models at OpenAI's list prices (the deployment's model decides).
+PRICES: dict[str, dict[str, Price]] = {
+    "openai": {m: Price(i.price_per_1m_tokens, _OPENAI, "2026-11-23") for m, i in OPENAI_MODELS.items()},
+    "cohere": {
+        "embed-v4.0": Price(0.12, _COHERE, "2026-12-02"),
+        "embed-english-v3.0": Price(0.10, _COHERE, "2026-12-02"),
+        "embed-multilingual-v3.0": Price(0.10, _COHERE, "2026-12-02"),
+        "embed-english-light-v3.0": Price(0.10, _COHERE, "2026-12-02"),
+        "embed-multilingual-light-v3.0": Price(0.10, _COHERE, "2026-12-02"),
+    },
+    "voyage": {
+        "voyage-4-large": Price(0.12, _VOYAGE, "2026-12-02"),
+        "voyage-4": Price(0.06, _VOYAGE, "2026-12-02"),
+        "voyage-4-lite": Price(0.02, _VOYAGE, "2026-12-02"),
+        "voyage-3.5": Price(0.06, _VOYAGE, "2026-12-02"),
+        "voyage-3.5-lite": Price(0.02, _VOYAGE, "2026-12-02"),
+        "voyage-3-large": Price(0.18, _VOYAGE, "2026-12-02"),
+        "voyage-code-3": Price(0.18, _VOYAGE, "2026-12-02"),
+        "voyage-finance-2": Price(0.12, _VOYAGE, "2026-12-02"),
+        "voyage-law-2": Price(0.12, _VOYAGE, "2026-12-02"),
+        "voyage-multilingual-2": Price(0.12, _VOYAGE, "2026-12-02"),
+    },
+    # Gemini API paid tier, standard (not batch) requests.
+    "gemini": {
+        "gemini-embedding-001": Price(0.15, _GEMINI, "2026-12-02"),
+    },
+    # On-demand, us-east-1: Titan v2 $0.00002 and Cohere Embed $0.0001 per 1,000 input tokens.
+    "bedrock": {
+        "amazon.titan-embed-text-v2:0": Price(0.02, _BEDROCK, "2026-12-02"),
+        "cohere.embed-english-v3": Price(0.10, _BEDROCK, "2026-12-02"),
+        "cohere.embed-multilingual-v3": Price(0.10, _BEDROCK, "2026-12-02"),
+    },
+}
+
+
+def price_of(provider: str, model: str) -> float | None:
+    """USD per million input tokens of ``provider``'s ``model``; ``None`` when no table knows it."""
+    price = PRICES.get(provider, {}).get(model)
+    return price.usd_per_1m_tokens if price is not None else None
+
+
 def cost_of(tokens: int, price_per_1m_tokens: float | None) -> float | None:
     """USD for ``tokens`` at a price per million; ``None`` when the price is unknown."""
     if price_per_1m_tokens is None:
