@@ -26,7 +26,7 @@ from embedpipe.keys import key_material
 if TYPE_CHECKING:
     from embedpipe.pipeline import EmbeddingPipeline
 
-__all__ = ["ChunkingMode", "aembed_chunks", "chunk_spans", "embed_chunks"]
+__all__ = ["ChunkingMode", "aembed_chunks", "chunk_spans", "embed_chunks", "late_vectors"]
 
 ChunkingMode = Literal["late", "naive"]
 Chunks = Sequence[str] | Sequence[tuple[int, int]]
@@ -98,11 +98,13 @@ def _reduce(pipe: EmbeddingPipeline, vectors: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(vectors, dtype=np.float32)
 
 
-def _late(pipe: EmbeddingPipeline, document: str, spans: list[tuple[int, int]]) -> np.ndarray:
+def late_vectors(pipe: EmbeddingPipeline, document: str,
+                 spans: list[tuple[int, int]]) -> tuple[np.ndarray, bool]:
+    """Late vectors of ``spans`` of ``document``, and whether the model ran (``False``: all from the cache)."""
     chunker = _late_chunker(pipe)
     cache = pipe.cache
     if cache is None:
-        return _reduce(pipe, chunker.embed_spans(document, spans))
+        return _reduce(pipe, chunker.embed_spans(document, spans)), True
     # The document is in the key material, so a span names the chunk; its text could repeat.
     keys = cache.keys_for(_material(pipe, document, chunker), [f"{s}:{e}" for s, e in spans], "document")
     try:
@@ -114,7 +116,7 @@ def _late(pipe: EmbeddingPipeline, document: str, spans: list[tuple[int, int]]) 
     if len(present) == len(spans):
         decoded, bad = decode_many(present, pipe.dimensions)
         if not bad:
-            return np.ascontiguousarray(decoded.vectors, dtype=np.float32)
+            return np.ascontiguousarray(decoded.vectors, dtype=np.float32), False
     # One pass over the document gives every chunk, so a partial hit recomputes all of them.
     vectors = _reduce(pipe, chunker.embed_spans(document, spans))
     tokens = [0] * len(spans)  # a local model is free: no cost to record with the vector
@@ -122,7 +124,7 @@ def _late(pipe: EmbeddingPipeline, document: str, spans: list[tuple[int, int]]) 
         cache.set_many(list(zip(keys, encode_many(vectors, tokens), strict=True)))
     except Exception as exc:
         log.warning("embedpipe: late-chunk cache write failed (%s)", exc)
-    return vectors
+    return vectors, True
 
 
 def embed_chunks(pipe: EmbeddingPipeline, document: str, chunks: Chunks,
@@ -137,7 +139,7 @@ def embed_chunks(pipe: EmbeddingPipeline, document: str, chunks: Chunks,
     if mode == "naive":
         return np.asarray(pipe.embed_array([document[s:e] for s, e in spans]), dtype=np.float32)
     if mode == "late":
-        return _late(pipe, document, spans)
+        return late_vectors(pipe, document, spans)[0]
     raise ConfigurationError(f"mode must be 'late' or 'naive', got {mode!r}")
 
 
@@ -148,5 +150,5 @@ async def aembed_chunks(pipe: EmbeddingPipeline, document: str, chunks: Chunks,
     if mode == "naive":
         return np.asarray(await pipe.aembed_array([document[s:e] for s, e in spans]), dtype=np.float32)
     if mode == "late":
-        return await asyncio.to_thread(_late, pipe, document, spans)
+        return (await asyncio.to_thread(late_vectors, pipe, document, spans))[0]
     raise ConfigurationError(f"mode must be 'late' or 'naive', got {mode!r}")
