@@ -1,4 +1,4 @@
-"""The ``embedpipe`` command line: ``run``, ``estimate``, ``dlq`` and ``cache``.
+"""The ``embedpipe`` command line: ``run``, ``estimate``, ``dlq``, ``cache`` and ``eval``.
 
 A thin layer over :mod:`embedpipe.jobs`: options become keyword arguments, results
 become text and exit codes. Exit codes: 0 all embedded; 3 finished, with dead letters;
@@ -430,6 +430,37 @@ def cache_import(path: str, cache: str | None, model: str | None, dimensions: in
     finally:
         backend.close()
     click.echo(f"{n:,} vectors imported")
+
+
+@main.command("eval")
+@click.argument("docs")
+@click.argument("more_models", nargs=-1, metavar="[SPEC...]")
+@click.option("--models", "models", multiple=True, required=True,
+              help="Candidate model specs, e.g. --models local:all-MiniLM-L6-v2 openai:text-embedding-3-small@256 "
+                   "(@N: Matryoshka dims).")
+@click.option("--queries", "-q", help="JSONL of {query, relevant: [ids]}; without it, titles serve as queries.")
+@click.option("--cache", help="Cache URL every embedding goes through (default: sqlite file in the current folder).")
+@click.option("--out", "-o", required=True, help="Folder for report.md, results.json and the plots.")
+@click.option("--chunking", "chunking", multiple=True, type=click.Choice(["none", "naive", "late"]),
+              help="Chunkings crossed with the models (repeatable; default none).")
+@click.option("--split-tokens", type=click.IntRange(min=2), default=128, show_default=True,
+              help="Target chunk size in tokens for naive and late chunking (StableSplitter).")
+@click.option("--corpus-size", type=click.IntRange(min=1), help="Project the cost to this many documents.")
+@click.option("--limit", type=click.IntRange(min=1), help="Evaluate on the first N documents only.")
+@click.option("--resamples", type=click.IntRange(min=10), default=2000, show_default=True,
+              help="Bootstrap resamples for the 95% intervals.")
+@_handle_errors
+def eval_(docs: str, more_models: tuple[str, ...], models: tuple[str, ...], queries: str | None,
+          cache: str | None, out: str, chunking: tuple[str, ...], split_tokens: int, corpus_size: int | None,
+          limit: int | None, resamples: int) -> None:
+    """Compare embedding models on DOCS (any job source): recall, MRR, nDCG, latency, size and cost."""
+    from embedpipe.eval import compare
+
+    report = compare(docs, models=[*models, *more_models], queries=queries,
+                     cache=cache or "sqlite:///embedpipe-eval-cache.db", out=out, chunking=chunking or ("none",),
+                     split_tokens=split_tokens, corpus_size=corpus_size, limit=limit, resamples=resamples)
+    click.echo(f"{len(report.candidates)} candidates, {report.embedded:,} texts embedded; "
+               f"wrote {out}/report.md and {out}/results.json")
 
 
 if __name__ == "__main__":

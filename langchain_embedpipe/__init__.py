@@ -11,6 +11,8 @@
   ``CacheBackedEmbeddings`` filled.
 * :class:`EmbedPipeByteStore` lends embedpipe's memory, SQLite and Redis caches to
   LangChain's own classes as a ``ByteStore``.
+* :class:`StableTextSplitter` cuts text where edits leave the boundaries alone, so an edit
+  re-embeds one chunk rather than the rest of the document.
 
 All behaviour lives in :mod:`embedpipe`; this package only translates.
 """
@@ -20,5 +22,6 @@ from __future__ import annotations
 from langchain_embedpipe.byte_store import EmbedPipeByteStore
 from langchain_embedpipe.embeddings import EmbedPipeEmbeddings
 from langchain_embedpipe.store_cache import ByteStoreCache, langchain_key_encoder
+from langchain_embedpipe.text_splitter import StableTextSplitter
 
-__all__ = ["ByteStoreCache", "EmbedPipeByteStore", "EmbedPipeEmbeddings", "langchain_key_encoder"]
+__all__ = ["ByteStoreCache", "EmbedPipeByteStore", "EmbedPipeEmbeddings", "StableTextSplitter", "langchain_key_encoder"]

@@ -6,12 +6,15 @@
 >>> len(Settings.embed_model.get_query_embedding("hello"))
 8
 
+:class:`StableNodeParser` cuts documents into nodes whose boundaries and ids survive edits.
+
 All behaviour lives in :mod:`embedpipe`; this package only translates.
 """
 
 from __future__ import annotations
 
 from llamaindex_embedpipe.embedding import EmbedPipeEmbedding
+from llamaindex_embedpipe.node_parser import StableNodeParser
 from llamaindex_embedpipe.transform import EMBEDDING_MODEL_KEY, EmbedPipeTransform, TransformCounts
 
-__all__ = ["EMBEDDING_MODEL_KEY", "EmbedPipeEmbedding", "EmbedPipeTransform", "TransformCounts"]
+__all__ = ["EMBEDDING_MODEL_KEY", "EmbedPipeEmbedding", "EmbedPipeTransform", "StableNodeParser", "TransformCounts"]
