@@ -334,7 +334,7 @@ def _profile(call: Callable[[], object], top: int = 6) -> list[tuple[str, float]
 
 def _one_entry(pipe: Any, text: str) -> tuple[str, bytes]:
     """embedpipe's key and stored value for ``text``."""
-    key = pipe.cache.keys_for(pipe._material("document"), [text], "document")[0]
+    key = pipe.cache.keys_for(pipe.key_material("document"), [text], "document")[0]
     value = pipe.cache.get_many([key])[0]
     assert value is not None
     return key, value
