@@ -236,18 +236,8 @@ class Engine:
         call = prepare(inputs, role, errors, call_id=next_call_id(), stats=stats,
                        modalities=self.info.modalities, spec=self.spec)
         if self.cache is not None and (role == "document" or self.cache_queries) and call.unique:
-            material = self.material(role)
-            if call.has_items:
-                texts = [(u, t) for u, t in enumerate(call.unique) if isinstance(t, str)]
-                keys: list[str] = [""] * len(call.unique)
-                for (u, _), k in zip(texts, self.cache.keys_for(material, [t for _, t in texts], role), strict=True):
-                    keys[u] = k
-                items = [(u, t) for u, t in enumerate(call.unique) if not isinstance(t, str)]
-                for (u, _), k in zip(items, item_keys(material, [t for _, t in items]), strict=True):
-                    keys[u] = k
-                call.keys = keys
-            else:
-                call.keys = self.cache.keys_for(material, call.unique, role)
+            cache = self.cache
+            call.keys = self._derive_keys(call, lambda material, texts: cache.keys_for(material, texts, role))
         return call
 
     def read_hits(self, call: Call, values: Sequence[bytes | None], seconds: float, epoch: int) -> list[int]:
@@ -381,15 +371,20 @@ class Engine:
         """The key of each unique input: the cache key, or the same derivation when there is no cache."""
         if call.keys is not None:
             return call.keys
+        return self._derive_keys(call, text_keys)
+
+    def _derive_keys(self, call: Call, keys_of_texts: Callable[[bytes, list[str]], list[str]]) -> list[str]:
+        """The key of each unique input: texts through ``keys_of_texts``, items by kind and content."""
         material = self.material(call.role)
-        texts = [(u, t) for u, t in enumerate(call.unique) if isinstance(t, str)]
+        if not call.has_items:
+            return keys_of_texts(material, call.unique)
         keys = [""] * len(call.unique)
-        for (u, _), k in zip(texts, text_keys(material, [t for _, t in texts]), strict=True):
+        texts = [(u, t) for u, t in enumerate(call.unique) if isinstance(t, str)]
+        for (u, _), k in zip(texts, keys_of_texts(material, [t for _, t in texts]), strict=True):
             keys[u] = k
-        if call.has_items:
-            items = [(u, t) for u, t in enumerate(call.unique) if not isinstance(t, str)]
-            for (u, _), k in zip(items, item_keys(material, [t for _, t in items]), strict=True):
-                keys[u] = k
+        items = [(u, t) for u, t in enumerate(call.unique) if not isinstance(t, str)]
+        for (u, _), k in zip(items, item_keys(material, [t for _, t in items]), strict=True):
+            keys[u] = k
         return keys
 
     async def embed_misses(self, call: Call, misses: list[int]) -> None:
