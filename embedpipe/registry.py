@@ -31,7 +31,8 @@ from typing import Any
 from embedpipe._urls import URL, parse_url, redact_url
 from embedpipe.errors import ConfigurationError
 
-__all__ = ["Registry", "caches", "dead_letter_stores", "job_stores", "rate_limiters", "sinks", "sources"]
+__all__ = ["Registry", "caches", "dead_letter_stores", "job_stores", "rate_limiters", "sinks", "sources",
+           "store_sinks"]
 
 Factory = Callable[..., Any]
 
@@ -164,6 +165,12 @@ sinks = Registry("sink", "embedpipe.sinks", {
     "jsonl": "embedpipe.jobs.sinks:JSONLSink.from_url",
 })
 
+#: sinks for vector-store objects, by the top-level package of the store's class (``jobs.run(out=store)``)
+store_sinks = Registry("vector-store sink", "embedpipe.store_sinks", {
+    "llama_index": "llamaindex_embedpipe.sinks:LlamaIndexSink",
+    "langchain_core": "langchain_embedpipe.sinks:LangChainSink",
+})
+
 job_stores = Registry("job store", "embedpipe.job_stores", {
-    "sqlite": "embedpipe.jobs.state:JobState.from_url",
+    "sqlite": "embedpipe.jobs.state:SQLiteJobStore.from_url",
 })

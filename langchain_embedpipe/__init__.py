@@ -21,7 +21,9 @@ from __future__ import annotations
 
 from langchain_embedpipe.byte_store import EmbedPipeByteStore
 from langchain_embedpipe.embeddings import EmbedPipeEmbeddings
+from langchain_embedpipe.sinks import LangChainSink
 from langchain_embedpipe.store_cache import ByteStoreCache, langchain_key_encoder
 from langchain_embedpipe.text_splitter import StableTextSplitter
 
-__all__ = ["ByteStoreCache", "EmbedPipeByteStore", "EmbedPipeEmbeddings", "StableTextSplitter", "langchain_key_encoder"]
+__all__ = ["ByteStoreCache", "EmbedPipeByteStore", "EmbedPipeEmbeddings", "LangChainSink", "StableTextSplitter",
+           "langchain_key_encoder"]

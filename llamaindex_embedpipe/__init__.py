@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from llamaindex_embedpipe.embedding import EmbedPipeEmbedding
 from llamaindex_embedpipe.node_parser import StableNodeParser
+from llamaindex_embedpipe.sinks import LlamaIndexSink
 from llamaindex_embedpipe.transform import EMBEDDING_MODEL_KEY, EmbedPipeTransform, TransformCounts
 
-__all__ = ["EMBEDDING_MODEL_KEY", "EmbedPipeEmbedding", "EmbedPipeTransform", "StableNodeParser", "TransformCounts"]
+__all__ = ["EMBEDDING_MODEL_KEY", "EmbedPipeEmbedding", "EmbedPipeTransform", "LlamaIndexSink", "StableNodeParser",
+           "TransformCounts"]

@@ -10,6 +10,10 @@ and it embeds only what changed, removes what left, and updates metadata in plac
 :func:`estimate` says what a run will cost without calling the API; :func:`dead_letters`,
 :func:`retry_dead_letters` and :func:`purge_dead_letters` manage records that failed for
 good. The ``embedpipe`` command line is a thin layer over these functions.
+
+:func:`run` drives the job unit, which other drivers (Celery workers, the ingest service)
+call too: a :class:`JobSpec` says what the job is, a :class:`JobStore` holds its state,
+and :func:`plan_chunks`, :func:`process_chunk` and :func:`finish_job` are its steps.
 """
 
 from __future__ import annotations
@@ -24,9 +28,10 @@ from embedpipe.jobs.errors import (
     SinkVerificationError,
     SourceError,
 )
-from embedpipe.jobs.records import Record
-from embedpipe.jobs.runner import DEFAULT_CHUNK_SIZE, JobEstimate, JobProgress, JobResult, estimate, run
-from embedpipe.jobs.sinks import JSONLSink, ParquetSink, Sink, sink_from
+from embedpipe.jobs.records import Entry, Record
+from embedpipe.jobs.results import JobEstimate, JobProgress, JobResult
+from embedpipe.jobs.runner import estimate, run
+from embedpipe.jobs.sinks import JSONLSink, ParquetSink, Receipt, Sink, sink_from
 from embedpipe.jobs.sources import (
     CSVSource,
     DirectorySource,
@@ -36,13 +41,19 @@ from embedpipe.jobs.sources import (
     Source,
     source_from,
 )
-from embedpipe.jobs.stores import LangChainSink, LlamaIndexSink
+from embedpipe.jobs.spec import DEFAULT_CHUNK_SIZE, JobSpec
+from embedpipe.jobs.state import JobState, SQLiteJobStore
+from embedpipe.jobs.store import JobStore
+from embedpipe.jobs.unit import Chunk, ChunkOutcome, finish_job, plan_chunks, process_chunk
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "BudgetRefusedError",
     "CSVSource",
+    "Chunk",
+    "ChunkOutcome",
     "DirectorySource",
+    "Entry",
     "IterableSource",
     "JSONLSink",
     "JSONLSource",
@@ -51,12 +62,15 @@ __all__ = [
     "JobEstimate",
     "JobLockedError",
     "JobProgress",
+    "JobSpec",
+    "JobState",
+    "JobStore",
     "JobResult",
-    "LangChainSink",
-    "LlamaIndexSink",
     "ParquetSink",
     "ParquetSource",
+    "Receipt",
     "Record",
+    "SQLiteJobStore",
     "RetryResult",
     "Sink",
     "SinkVerificationError",
@@ -65,7 +79,10 @@ __all__ = [
     "dead_letters",
     "estimate",
     "export_cache",
+    "finish_job",
     "import_cache",
+    "plan_chunks",
+    "process_chunk",
     "purge_dead_letters",
     "retry_dead_letters",
     "run",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,9 +21,10 @@ from embedpipe.deadletters import DeadLetter, DeadLetterStore, RetryOutcome, ret
 from embedpipe.errors import ConfigurationError
 from embedpipe.jobs.errors import JobAbortedError, JobConflictError
 from embedpipe.jobs.records import Entry, Record
-from embedpipe.jobs.runner import _DEFAULT, DEFAULT_CHUNK_SIZE, _secrets, build_pipeline, state_path_for
 from embedpipe.jobs.sinks import Sink, sink_from, sink_from_description
+from embedpipe.jobs.spec import JobSpec
 from embedpipe.jobs.state import Failed, JobState, Written
+from embedpipe.jobs.unit import job_pipeline, secrets_of
 
 
 @dataclass(frozen=True)
@@ -116,7 +118,9 @@ def open_state(out: Any = None, state: str | os.PathLike[str] | None = None, *,
     sink = sink_from(out) if out is not None else None
     if sink is None and state is None:
         raise ConfigurationError("name the job: pass out= (the run's --out) or state= (its --state)")
-    path = state_path_for(sink or Sink(), state)
+    path = Path(state) if state is not None else (sink or Sink()).default_state_path()
+    if path is None:
+        raise ConfigurationError(f"{sink!r} keeps no job state of its own: pass state='path/to/state.sqlite'")
     if not path.is_file():
         raise ConfigurationError(f"no job state at {path}: has a run written to this output?")
     st = JobState(path, readonly=readonly)
@@ -142,38 +146,36 @@ def purge_dead_letters(out: Any = None, *, state: str | os.PathLike[str] | None 
 
 
 def retry_dead_letters(out: Any = None, *, state: str | os.PathLike[str] | None = None,
-                       ids: list[str] | None = None, model: str | None = None, dimensions: int | None = None,
-                       cache: Any = _DEFAULT, base_url: str | None = None, api_key: str | None = None,
-                       rpm: int | None = None, tpm: int | None = None, budget_usd: float | None = None,
-                       max_concurrency: int | None = None, batch_size: int | None = None,
-                       chunk_size: int = DEFAULT_CHUNK_SIZE, **pipeline_options: Any) -> RetryResult:
+                       ids: list[str] | None = None, api_key: str | None = None, **options: Any) -> RetryResult:
     """Embed the letters again (all, or ``ids``) and write the ones that succeed into the run's output.
 
     Successes leave the queue; failures stay with the new reason and one more attempt.
-    The model, dimensions and base URL default to the run's.
+    The model, dimensions and base URL default to the run's; the other ``options`` are
+    those of :func:`~embedpipe.jobs.run` (``cache``, ``rpm``, ``budget_usd``, ``chunk_size``…).
     """
     st, sink = open_state(out, state, readonly=False)
     with st:
         st.lock()
         if sink is None:
             raise ConfigurationError(f"the state at {st.path} names no file output; pass out= (the vector store)")
-        model = model or st.get("model")
-        if not model:
+        options = {k: v for k, v in options.items() if v is not None}
+        options.setdefault("model", st.get("model"))
+        if not options["model"]:
             raise ConfigurationError(f"the state at {st.path} names no model; pass model=")
-        if dimensions is None and st.get("requested_dimensions"):
-            dimensions = int(st.get("requested_dimensions") or 0)
-        pipe = build_pipeline(model, sink=sink, cache=cache, chunk_size=chunk_size, batch_size=batch_size,
-                              dimensions=dimensions, rpm=rpm, tpm=tpm, budget_usd=budget_usd,
-                              base_url=base_url or st.get("base_url"), api_key=api_key,
-                              max_concurrency=max_concurrency, **pipeline_options)
+        if st.get("requested_dimensions"):
+            options.setdefault("dimensions", int(st.get("requested_dimensions") or 0))
+        if st.get("base_url"):
+            options.setdefault("base_url", st.get("base_url"))
+        spec = JobSpec.from_options(None, sink, state=st.path, **options)
+        pipe = job_pipeline(spec, sink=sink, api_key=api_key)
         try:
-            st.secrets = _secrets(pipe, api_key)
+            st.secrets = secrets_of(pipe, api_key)
             st.check_model(pipe.provider.spec, pipe.expected_dims)
             sink.bind(pipe)
             sink.open(st)
             runs = st.runs()
             queue = JobDeadLetters(st, sink, pipe.provider.spec, runs[-1].gen if runs else 0)
-            outcome = retry(queue, pipe, ids, secrets=st.secrets, batch_size=chunk_size)
+            outcome = retry(queue, pipe, ids, secrets=st.secrets, batch_size=spec.chunk_size)
             sink.compact(st)
             if queue.sample:
                 sink.verify(queue.sample)

@@ -15,13 +15,17 @@ The job-store registry (:data:`embedpipe.registry.job_stores`) opens it by URL:
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
+
+import numpy as np
 
 from embedpipe import _sqlite, registry
 from embedpipe._urls import URL, redact, redact_url
@@ -29,7 +33,7 @@ from embedpipe.deadletters import DeadLetter
 from embedpipe.deadletters.sqlite import DEAD_LETTER_COLUMNS, DEAD_LETTER_SCHEMA, select_letters
 from embedpipe.errors import ConfigurationError
 from embedpipe.jobs.errors import JobConflictError, JobLockedError
-from embedpipe.jobs.records import Entry
+from embedpipe.jobs.records import Entry, Record
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -46,6 +50,24 @@ CREATE TABLE IF NOT EXISTS records (
 CREATE INDEX IF NOT EXISTS records_loc ON records(loc);
 CREATE INDEX IF NOT EXISTS records_seen ON records(seen);
 CREATE TABLE IF NOT EXISTS pending_metadata (id TEXT PRIMARY KEY, metadata TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS chunks (
+    chunk_id TEXT PRIMARY KEY,
+    gen INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    lease_owner TEXT,
+    lease_until REAL,
+    records INTEGER NOT NULL DEFAULT 0,
+    updated REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS samples (
+    id TEXT PRIMARY KEY,
+    priority REAL NOT NULL,
+    text TEXT NOT NULL,
+    metadata TEXT NOT NULL,
+    content_hash BLOB NOT NULL,
+    vector BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS runs (
     gen INTEGER PRIMARY KEY,
     started REAL NOT NULL,
@@ -60,6 +82,28 @@ CREATE TABLE IF NOT EXISTS runs (
 );
 """ + DEAD_LETTER_SCHEMA
 _SQL_VARS = 900  # below SQLite's historical 999 bound-parameter limit
+#: the state file's layout. 1: before the job unit. 2 adds chunk states and leases, the read-back
+#: sample, per-run counts and the chunk order of each record; a version-1 file migrates in place.
+SCHEMA_VERSION = 2
+_ADDED_COLUMNS = {
+    "runs": {name: "INTEGER NOT NULL DEFAULT 0"
+             for name in ("planned", "written", "unchanged", "metadata_updated", "deleted", "requests")},
+    "records": {"seq": "INTEGER NOT NULL DEFAULT 0"},
+}
+#: per-run counters that chunk commits add to
+RUN_COUNTERS = ("records", "written", "unchanged", "metadata_updated", "embedded", "cached", "tokens", "requests",
+                "dead", "deleted")
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Bring an older state file to :data:`SCHEMA_VERSION` (new tables come from the schema script)."""
+    for table, columns in _ADDED_COLUMNS.items():
+        have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+        for name, decl in columns.items():
+            if name not in have:
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
+    db.execute("INSERT INTO meta(name, value) VALUES ('schema_version', ?) ON CONFLICT(name) DO UPDATE SET "
+               "value=excluded.value", (str(SCHEMA_VERSION),))
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +132,10 @@ class Failed:
     reason: str
 
 
+#: a read-back candidate: (priority, entry, vector); the lowest priorities form a uniform sample
+Sample = tuple[float, Entry, Any]
+
+
 @dataclass(frozen=True)
 class RunStats:
     """One run's line in the history."""
@@ -109,9 +157,14 @@ def _chunks(items: Sequence[Any], size: int = _SQL_VARS) -> Iterator[Sequence[An
         yield items[start:start + size]
 
 
-class JobState:
-    """The state file of one job. ``readonly=True`` never creates or writes it (for estimates and listings);
-    ``path=None`` is an empty state in memory."""
+class SQLiteJobStore:
+    """A :class:`~embedpipe.jobs.JobStore` in one SQLite file (``OUT/_state.sqlite`` by default).
+
+    ``readonly=True`` never creates or writes it (for estimates and listings); ``path=None``
+    is an empty store in memory. Threads of one process may share it: write transactions
+    are serialised, and :attr:`write_lock` lets a caller make a sink write and its commit
+    one step.
+    """
 
     def __init__(self, path: str | os.PathLike[str] | None, *, readonly: bool = False,
                  secrets: Iterable[str | None] = (), timeout: float = 30.0) -> None:
@@ -120,11 +173,15 @@ class JobState:
         self.secrets = [s for s in secrets if s]
         self._lock_file: IO[bytes] | None = None
         self.timeout = timeout
+        self._mutex = threading.RLock()
+        #: held by :func:`~embedpipe.jobs.process_chunk` around a sink write and its commit
+        self.write_lock = threading.RLock()
         if readonly or path is None:
             if path is None or not self.path.exists():
                 # An absent state is an empty one: an in-memory database with the schema.
                 self._db = _sqlite.connect(":memory:", timeout=timeout, synchronous=None)
                 self._db.executescript(_SCHEMA)
+                _migrate(self._db)
                 return
             # A plain connection that this object never writes through: "mode=ro" cannot open a
             # WAL database whose -shm file is gone.
@@ -135,9 +192,11 @@ class JobState:
             self._db = _sqlite.connect(self.path, timeout=timeout)
             with _sqlite.mapped_errors(self.path, timeout):
                 self._db.executescript(_SCHEMA)
+            with self.transaction() as db:
+                _migrate(db)
 
     @classmethod
-    def from_url(cls, url: URL, *, readonly: bool = False, secrets: Iterable[str | None] = ()) -> JobState:
+    def from_url(cls, url: URL, *, readonly: bool = False, secrets: Iterable[str | None] = ()) -> SQLiteJobStore:
         """The state ``sqlite:///relative/_state.sqlite`` or ``sqlite:////absolute/_state.sqlite`` names.
 
         Option: ``timeout`` (seconds to wait for another process's write lock, default 30).
@@ -174,7 +233,7 @@ class JobState:
             self._lock_file.close()
             self._lock_file = None
 
-    def __enter__(self) -> JobState:
+    def __enter__(self) -> SQLiteJobStore:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -183,7 +242,7 @@ class JobState:
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """One write transaction (``BEGIN IMMEDIATE``): all of it lands, or none."""
-        with _sqlite.transaction(self._db, self.path, self.timeout) as db:
+        with self._mutex, _sqlite.transaction(self._db, self.path, self.timeout) as db:
             yield db
 
     # ------------------------------------------------------------------ meta
@@ -224,17 +283,43 @@ class JobState:
         return gen
 
     def end_run(self, gen: int, status: str, **counts: Any) -> None:
-        """Record how a run ended and what it did."""
-        sets = ", ".join(f"{k}=?" for k in counts)
+        """Record how a run ended (``counts`` are added to its counters)."""
         with self.transaction() as db:
-            db.execute(f"UPDATE runs SET finished=?, status=?{', ' + sets if sets else ''} WHERE gen=?",
-                       (time.time(), status, *counts.values(), gen))
+            db.execute("UPDATE runs SET finished=?, status=? WHERE gen=?", (time.time(), status, gen))
+            if counts:
+                self.add_counts(db, gen, counts)
 
     def runs(self) -> list[RunStats]:
         """Every run, oldest first."""
         rows = self._db.execute("SELECT gen, started, finished, status, records, embedded, cached, tokens, "
                                 "cost_usd, dead FROM runs ORDER BY gen").fetchall()
         return [RunStats(*row) for row in rows]
+
+    def run_counts(self, gen: int) -> dict[str, Any]:
+        """Run ``gen``'s counters (:data:`RUN_COUNTERS`, ``cost_usd``, ``status``, ``planned``, times)."""
+        names = (*RUN_COUNTERS, "cost_usd", "status", "planned", "started", "finished")
+        row = self._db.execute(f"SELECT {', '.join(names)} FROM runs WHERE gen=?", (gen,)).fetchone()
+        if row is None:
+            raise ConfigurationError(f"the job store at {self.path} has no run {gen}")
+        return dict(zip(names, row, strict=True))
+
+    def add_counts(self, db: sqlite3.Connection, gen: int, counts: dict[str, Any]) -> None:
+        """Inside a transaction: add ``counts`` (names of :data:`RUN_COUNTERS`, ``cost_usd``) to run ``gen``."""
+        bad = set(counts) - {*RUN_COUNTERS, "cost_usd"}
+        if bad:
+            raise ValueError(f"unknown run counters {sorted(bad)}")
+        sets = ", ".join(f"{k}=coalesce({k}, 0) + ?" for k in counts)
+        db.execute(f"UPDATE runs SET {sets} WHERE gen=?", (*counts.values(), gen))
+
+    def mark_planned(self, gen: int) -> None:
+        """Note that run ``gen`` read the whole source: what it did not see is gone from it."""
+        with self.transaction() as db:
+            db.execute("UPDATE runs SET planned=1 WHERE gen=?", (gen,))
+
+    def latest_run(self) -> int | None:
+        """The newest run's generation, or ``None`` before the first."""
+        row = self._db.execute("SELECT max(gen) FROM runs").fetchone()
+        return None if row is None or row[0] is None else int(row[0])
 
     # ------------------------------------------------------------------ records
     def count(self, status: str | None = None) -> int:
@@ -274,21 +359,32 @@ class JobState:
                            "SET metadata=excluded.metadata", [(rid, js) for rid, _, js in updates])
 
     def commit(self, gen: int, written: Sequence[Written], failed: Sequence[Failed],
-               meta: dict[str, Any] | None = None) -> None:
-        """Record one chunk's outcome in one transaction: rows written, records dead-lettered, sink meta.
+               meta: dict[str, Any] | None = None, *, chunk_id: str | None = None, seq: int | None = None,
+               counts: dict[str, Any] | None = None, samples: Sequence[Sample] = (), sample_size: int = 0) -> None:
+        """Record one chunk's outcome in one transaction: rows written, records dead-lettered, sink meta,
+        and, with a ``chunk_id``, the chunk as done (its lease released), the run's ``counts`` and the
+        chunk's candidates for the read-back ``samples`` (the ``sample_size`` of lowest priority are kept).
 
         Call it only after the sink's write is durable: then a crash between the two only
-        leaves rows the state does not point to, which compaction drops.
+        leaves rows the state does not point to, which compaction drops. ``seq`` orders chunks
+        (:attr:`Chunk.seq <embedpipe.jobs.Chunk.seq>`): a record committed out of order never replaces
+        the version a later chunk committed.
         """
         now = time.time()
         with self.transaction() as db:
+            if chunk_id is not None:
+                row = db.execute("SELECT status FROM chunks WHERE chunk_id=?", (chunk_id,)).fetchone()
+                if row is not None and row[0] == "done":
+                    return  # committed already (a second copy of the chunk): nothing is written twice
             if written:
                 db.executemany(
-                    "INSERT INTO records(id, content_hash, meta_hash, status, attempts, loc, seen, updated) "
-                    "VALUES (?, ?, ?, 'done', 0, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
+                    "INSERT INTO records(id, content_hash, meta_hash, status, attempts, loc, seen, updated, seq) "
+                    "VALUES (?, ?, ?, 'done', 0, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
                     "content_hash=excluded.content_hash, meta_hash=excluded.meta_hash, status='done', attempts=0, "
-                    "loc=excluded.loc, seen=excluded.seen, updated=excluded.updated",
-                    [(w.entry.record.id, w.entry.content_hash, w.entry.meta_hash, w.loc, gen, now) for w in written])
+                    "loc=excluded.loc, seen=excluded.seen, updated=excluded.updated, seq=excluded.seq"
+                    + ("" if seq is None else " WHERE excluded.seq >= records.seq"),
+                    [(w.entry.record.id, w.entry.content_hash, w.entry.meta_hash, w.loc, gen, now, seq or 0)
+                     for w in written])
                 ids = [w.entry.record.id for w in written]
                 for chunk in _chunks(ids):
                     marks = ",".join("?" * len(chunk))
@@ -312,6 +408,82 @@ class JobState:
                     db.execute(f"DELETE FROM pending_metadata WHERE id IN ({','.join('?' * len(chunk))})", chunk)
             if meta:
                 self.set_meta(db, **meta)
+            if counts:
+                self.add_counts(db, gen, counts)
+            if samples and sample_size:
+                db.executemany(
+                    "INSERT INTO samples(id, priority, text, metadata, content_hash, vector) VALUES (?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT(id) DO UPDATE SET priority=excluded.priority, text=excluded.text, "
+                    "metadata=excluded.metadata, content_hash=excluded.content_hash, vector=excluded.vector",
+                    [(e.record.id, p, e.record.text, e.metadata_json, e.content_hash,
+                      np.asarray(v, dtype="<f4").tobytes()) for p, e, v in samples])
+                db.execute("DELETE FROM samples WHERE id NOT IN (SELECT id FROM samples ORDER BY priority LIMIT ?)",
+                           (sample_size,))
+            if chunk_id is not None:
+                db.execute(
+                    "INSERT INTO chunks(chunk_id, gen, status, attempts, records, updated) VALUES (?, ?, 'done', 0, ?, "
+                    "?) ON CONFLICT(chunk_id) DO UPDATE SET status='done', gen=excluded.gen, lease_owner=NULL, "
+                    "lease_until=NULL, records=excluded.records, updated=excluded.updated",
+                    (chunk_id, gen, len(written) + len(failed), now))
+
+    # ------------------------------------------------------------------ chunks and leases
+    def chunk_status(self, chunk_id: str) -> str | None:
+        """``"done"``, ``"running"`` (someone holds or held its lease) or ``None`` (never started)."""
+        row = self._db.execute("SELECT status FROM chunks WHERE chunk_id=?", (chunk_id,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def acquire_lease(self, chunk_id: str, gen: int, owner: str, ttl: float) -> int | None:
+        """Take the chunk's lease for ``ttl`` seconds and count one attempt; return the attempt number.
+
+        ``None``: the chunk is done, or another owner holds a live lease (back off: it is being worked on).
+        """
+        now = time.time()
+        with self.transaction() as db:
+            row = db.execute("SELECT status, lease_owner, lease_until, attempts FROM chunks WHERE chunk_id=?",
+                             (chunk_id,)).fetchone()
+            if row is not None:
+                status, holder, until, attempts = row
+                if status == "done" or (holder not in (None, owner) and until is not None and until > now):
+                    return None
+                db.execute("UPDATE chunks SET status='running', lease_owner=?, lease_until=?, attempts=attempts + 1, "
+                           "gen=?, updated=? WHERE chunk_id=?", (owner, now + ttl, gen, now, chunk_id))
+                return int(attempts) + 1
+            db.execute("INSERT INTO chunks(chunk_id, gen, status, attempts, lease_owner, lease_until, updated) "
+                       "VALUES (?, ?, 'running', 1, ?, ?, ?)", (chunk_id, gen, owner, now + ttl, now))
+            return 1
+
+    def renew_lease(self, chunk_id: str, owner: str, ttl: float) -> bool:
+        """Extend a lease ``owner`` holds; ``False`` when it lost it (expired and taken, or the chunk is done)."""
+        with self.transaction() as db:
+            cur = db.execute("UPDATE chunks SET lease_until=? WHERE chunk_id=? AND lease_owner=? AND status='running'",
+                             (time.time() + ttl, chunk_id, owner))
+            return cur.rowcount == 1
+
+    def release_lease(self, chunk_id: str, owner: str) -> None:
+        """Give a lease up without committing (the chunk stopped: budget, outage, shutdown)."""
+        with self.transaction() as db:
+            db.execute("UPDATE chunks SET lease_owner=NULL, lease_until=NULL WHERE chunk_id=? AND lease_owner=?",
+                       (chunk_id, owner))
+
+    def chunk_counts(self, gen: int | None = None) -> dict[str, int]:
+        """Chunks per status (of run ``gen``, or all)."""
+        if gen is None:
+            rows = self._db.execute("SELECT status, count(*) FROM chunks GROUP BY status")
+        else:
+            rows = self._db.execute("SELECT status, count(*) FROM chunks WHERE gen=? GROUP BY status", (gen,))
+        return {str(k): int(v) for k, v in rows}
+
+    # ------------------------------------------------------------------ the read-back sample
+    def samples(self) -> list[tuple[Entry, np.ndarray]]:
+        """The written records kept for the sink's read-back check, with their vectors."""
+        out: list[tuple[Entry, np.ndarray]] = []
+        for rid, text, metadata, chash, blob in self._db.execute(
+                "SELECT s.id, s.text, s.metadata, s.content_hash, s.vector FROM samples s JOIN records r "
+                "ON r.id = s.id AND r.content_hash = s.content_hash AND r.status = 'done' ORDER BY s.priority"):
+            entry = Entry.of(Record(rid, text, json.loads(metadata)))
+            if entry.content_hash == bytes(chash):
+                out.append((entry, np.frombuffer(blob, dtype="<f4").copy()))
+        return out
 
     def gone(self, gen: int, limit: int = 1000) -> list[str]:
         """Up to ``limit`` ids that run ``gen`` did not see in the source."""
@@ -414,21 +586,21 @@ class JobState:
             return n
 
 
-def job_store_from(spec: str | os.PathLike[str] | JobState, *, readonly: bool = False,
-                   secrets: Iterable[str | None] = ()) -> JobState:
+def job_store_from(spec: str | os.PathLike[str] | SQLiteJobStore, *, readonly: bool = False,
+                   secrets: Iterable[str | None] = ()) -> SQLiteJobStore:
     """The job state ``spec`` names: a path, a URL (a scheme of :data:`embedpipe.registry.job_stores`,
     ``sqlite:///relative/_state.sqlite``), or a state (returned as is)."""
-    if isinstance(spec, JobState):
+    if isinstance(spec, SQLiteJobStore):
         return spec
     if isinstance(spec, str) and "://" in spec:
         store = registry.job_stores.from_url(spec, readonly=readonly, secrets=secrets)
-        if not isinstance(store, JobState):
+        if not isinstance(store, SQLiteJobStore):
             raise ConfigurationError(f"the job store factory for {redact_url(spec)!r} returned "
                                      f"{type(store).__name__}, not a JobState")
         return store
     if not isinstance(spec, (str, os.PathLike)):
         raise ConfigurationError(f"a job store is a path, a URL or a JobState, not {type(spec).__name__}")
-    return JobState(spec, readonly=readonly, secrets=secrets)
+    return SQLiteJobStore(spec, readonly=readonly, secrets=secrets)
 
 
 def _try_lock(f: IO[bytes]) -> None:
@@ -442,4 +614,8 @@ def _try_lock(f: IO[bytes]) -> None:
     fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
-__all__ = ["Failed", "JobState", "RunStats", "StoredRecord", "Written", "job_store_from"]
+#: the name this store had before the job unit; kept for code that imports it
+JobState = SQLiteJobStore
+
+__all__ = ["SCHEMA_VERSION", "Failed", "JobState", "RunStats", "SQLiteJobStore", "Sample", "StoredRecord",
+           "Written", "job_store_from"]
