@@ -22,6 +22,7 @@ import click
 from embedpipe import __version__
 from embedpipe._urls import redact_url
 from embedpipe.errors import BudgetExceededError, ConfigurationError, EmbedPipeError
+from embedpipe.jobs.spec import JOB_DEFAULTS
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -73,14 +74,14 @@ def _job_options(fn: F) -> F:
         click.option("--budget-usd", type=click.FloatRange(min=0), help="Refuse a run estimated above this, and "
                      "stop cleanly before spending more."),
         click.option("--base-url", help="An OpenAI-compatible server's URL."),
-        click.option("--id-field", default="id", show_default=True, help="The field holding each record's id."),
-        click.option("--text-field", default="text", show_default=True, help="The field holding the text."),
+        click.option("--id-field", help=f"The field holding each record's id (default: {JOB_DEFAULTS['id_field']})."),
+        click.option("--text-field", help=f"The field holding the text (default: {JOB_DEFAULTS['text_field']})."),
         click.option("--format", "format_", type=click.Choice(["jsonl", "csv", "parquet", "dir"]),
                      help="Source format (default: from the suffix; a folder of .txt/.md files)."),
         click.option("--max-concurrency", type=click.IntRange(min=1), help="Requests in flight at once."),
         click.option("--batch-size", type=click.IntRange(min=1), help="Inputs per request."),
-        click.option("--chunk-size", type=click.IntRange(min=1), default=2000, show_default=True,
-                     help="Records read, embedded and written together."),
+        click.option("--chunk-size", type=click.IntRange(min=1),
+                     help=f"Records read, embedded and written together (default: {JOB_DEFAULTS['chunk_size']})."),
         click.option("--price-per-1m-tokens", type=click.FloatRange(min=0),
                      help="USD per million tokens, for a model whose price embedpipe does not know."),
         click.option("--rebuild", is_flag=True, help="Start over: re-embed everything into OUT (another model "
@@ -92,6 +93,8 @@ def _job_options(fn: F) -> F:
 
 
 def _job_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
+    """Options given on the command line, named as ``jobs.run`` names them; what was not given is left to the
+    defaults of :class:`~embedpipe.PipelineConfig` and :class:`~embedpipe.jobs.JobSpec`."""
     args = dict(kw)
     args["format"] = args.pop("format_")
     return {k: v for k, v in args.items() if v is not None}

@@ -97,6 +97,8 @@ class PipelineConfig:
         if self.credentials is not None and ":" not in self.credentials:
             raise ConfigurationError(
                 f"credentials={self.credentials!r} must be a dotted path 'package.module:callable'")
+        if isinstance(self.cache, str) and self.cache.strip().lower() in ("none", "off"):
+            object.__setattr__(self, "cache", None)  # --cache none: no cache at all
         object.__setattr__(self, "hooks", tuple(self.hooks or ()))
         object.__setattr__(self, "provider_options", dict(self.provider_options or {}))
 

@@ -162,6 +162,11 @@ class EmbedPipeEmbedding(BaseEmbedding):
     def class_name(cls) -> str:
         return "EmbedPipeEmbedding"
 
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """The API keys this embedding holds, which dead-letter reasons must never show."""
+        return self._secrets
+
     # ------------------------------------------------------------------ embedpipe's side
     @property
     def pipeline(self) -> EmbeddingPipeline:
@@ -214,19 +219,22 @@ class EmbedPipeEmbedding(BaseEmbedding):
     def get_text_embedding_batch(self, texts: list[str], show_progress: bool = False,
                                  **kwargs: Any) -> list[Embedding]:
         """Embed ``texts`` in one core call: dedupe, cache, token-aware batches, bounded concurrency."""
-        return cast(list[Embedding], list(self._embed(texts)))
+        return cast(list[Embedding], list(self.embed_result(texts)))
 
     async def aget_text_embedding_batch(self, texts: list[str], show_progress: bool = False,
                                         **kwargs: Any) -> list[Embedding]:
         """Async twin of :meth:`get_text_embedding_batch`."""
-        return cast(list[Embedding], list(await self._aembed(texts)))
+        return cast(list[Embedding], list(await self.aembed_result(texts)))
 
-    def _embed(self, texts: list[str], errors: Literal["raise", "collect"] = "raise") -> EmbeddingResult:
+    def embed_result(self, texts: list[str], errors: Literal["raise", "collect"] = "raise") -> EmbeddingResult:
+        """Embed ``texts`` and return the pipeline's whole result (vectors, failures, stats), with LlamaIndex's
+        embedding events around the call."""
         with self._events(texts) as call:
             call.result = self._pipeline.embed(texts, errors=errors)
         return call.result
 
-    async def _aembed(self, texts: list[str], errors: Literal["raise", "collect"] = "raise") -> EmbeddingResult:
+    async def aembed_result(self, texts: list[str], errors: Literal["raise", "collect"] = "raise") -> EmbeddingResult:
+        """Async twin of :meth:`embed_result`."""
         with self._events(texts) as call:
             call.result = await self._pipeline.aembed(texts, errors=errors)
         return call.result
@@ -250,7 +258,7 @@ class EmbedPipeEmbedding(BaseEmbedding):
     # BaseComponent re-runs __init__ from the public fields on unpickling, which would lose the
     # pipeline: pydantic's own state keeps the private attributes (the pipeline re-opens itself).
     def __getstate__(self) -> dict[Any, Any]:
-        return _picklable_state(self)
+        return picklable_state(self)
 
     def __setstate__(self, state: dict[Any, Any]) -> None:
         BaseModel.__setstate__(self, state)
@@ -265,7 +273,7 @@ class _Outcome:
         self.result = EmbeddingResult()
 
 
-def _picklable_state(model: BaseModel) -> dict[Any, Any]:
+def picklable_state(model: BaseModel) -> dict[Any, Any]:
     """pydantic's pickle state, with a fresh callback manager where the caller's handlers cannot travel."""
     import pickle
 

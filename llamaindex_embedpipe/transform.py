@@ -19,7 +19,7 @@ from embedpipe import EmbeddingResult
 from embedpipe._urls import redact
 from embedpipe.deadletters import DeadLetter, DeadLetterStore, aretry, dead_letter_store_from, retry
 from embedpipe.errors import ConfigurationError
-from llamaindex_embedpipe.embedding import EmbedPipeEmbedding, _picklable_state
+from llamaindex_embedpipe.embedding import EmbedPipeEmbedding, picklable_state
 
 #: node metadata key naming the model and dimensions of the node's embedding, e.g. "openai:text-embedding-3-small@1536"
 EMBEDDING_MODEL_KEY = "embedpipe_model"
@@ -105,14 +105,14 @@ class EmbedPipeTransform(TransformComponent):
     # ------------------------------------------------------------------ the transform
     def __call__(self, nodes: Sequence[BaseNode], **kwargs: Any) -> list[BaseNode]:
         plan = self._plan(nodes)
-        result = self.embed_model._embed(plan.texts, errors="collect") if plan.texts else EmbeddingResult()
+        result = self.embed_model.embed_result(plan.texts, errors="collect") if plan.texts else EmbeddingResult()
         out, letters = self._apply(nodes, plan, result)
         self._store.add(letters)
         return out
 
     async def acall(self, nodes: Sequence[BaseNode], **kwargs: Any) -> list[BaseNode]:
         plan = self._plan(nodes)
-        result = await self.embed_model._aembed(plan.texts, errors="collect") if plan.texts else EmbeddingResult()
+        result = await self.embed_model.aembed_result(plan.texts, errors="collect") if plan.texts else EmbeddingResult()
         out, letters = self._apply(nodes, plan, result)
         await self._store.aadd(letters)
         return out
@@ -165,7 +165,7 @@ class EmbedPipeTransform(TransformComponent):
     def _letter(self, node: BaseNode, text: str, reason: object) -> DeadLetter:
         bare = node.model_copy(update={"embedding": None})
         return DeadLetter(id=node.node_id, ref_id=node.ref_doc_id, text=text,
-                          reason=redact(str(reason), self.embed_model._secrets), metadata=dict(node.metadata),
+                          reason=redact(str(reason), self.embed_model.secrets), metadata=dict(node.metadata),
                           payload=json.dumps(doc_to_json(bare), default=str))
 
     # ------------------------------------------------------------------ retry
@@ -177,7 +177,7 @@ class EmbedPipeTransform(TransformComponent):
         changed or gone since they failed (their nodes are stale).
         """
         ids = self._fresh(self._store.all(), docstore)
-        outcome = retry(self._store, self.embed_model.pipeline, ids, secrets=self.embed_model._secrets)
+        outcome = retry(self._store, self.embed_model.pipeline, ids, secrets=self.embed_model.secrets)
         nodes = [self._restore(letter, vector) for letter, vector in outcome.recovered]
         if vector_store is not None and nodes:
             vector_store.add(nodes)
@@ -187,7 +187,7 @@ class EmbedPipeTransform(TransformComponent):
                                   docstore: BaseDocumentStore | None = None) -> list[BaseNode]:
         """Async twin of :meth:`retry_dead_letters`."""
         ids = self._fresh(await self._store.aall(), docstore)
-        outcome = await aretry(self._store, self.embed_model.pipeline, ids, secrets=self.embed_model._secrets)
+        outcome = await aretry(self._store, self.embed_model.pipeline, ids, secrets=self.embed_model.secrets)
         nodes = [self._restore(letter, vector) for letter, vector in outcome.recovered]
         if vector_store is not None and nodes:
             await vector_store.async_add(nodes)
@@ -213,7 +213,7 @@ class EmbedPipeTransform(TransformComponent):
 
     # ------------------------------------------------------------------ pickling
     def __getstate__(self) -> dict[Any, Any]:
-        return _picklable_state(self)
+        return picklable_state(self)
 
     def __setstate__(self, state: dict[Any, Any]) -> None:
         BaseModel.__setstate__(self, state)

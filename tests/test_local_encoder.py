@@ -18,10 +18,10 @@ from embedpipe.providers.local_encoder import (
     CUT_CHARS_PER_TOKEN,
     PrefixCut,
     _batch,
-    _private_tokenizer,
     cut_is_exact,
     cut_point,
     plan_batches,
+    private_tokenizer,
     read_layout,
 )
 
@@ -124,9 +124,9 @@ def test_prefix_cut_verify_reencodes_a_text_whose_cut_falls_short(local_provider
 
 def test_cut_guard_turns_the_cut_off_for_a_tokenizer_without_word_boundaries(minilm_path: str) -> None:
     spec = json.loads((Path(minilm_path) / "tokenizer.json").read_text(encoding="utf-8"))
-    assert cut_is_exact(_private_tokenizer(json.dumps(spec), max_length=256), 256, 2048)
+    assert cut_is_exact(private_tokenizer(json.dumps(spec), max_length=256), 256, 2048)
     spec["pre_tokenizer"] = None  # words are no longer tokenized apart: a cut could change any id
-    assert not cut_is_exact(_private_tokenizer(json.dumps(spec), max_length=256), 256, 2048)
+    assert not cut_is_exact(private_tokenizer(json.dumps(spec), max_length=256), 256, 2048)
     off = PrefixCut(2048, enabled=False)
     assert off.cuts(["x " * 5000]) == [None]
 

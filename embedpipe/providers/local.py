@@ -65,12 +65,12 @@ class HFTokenizer:
     """
 
     def __init__(self, serialized: str, max_input_tokens: int) -> None:
-        from embedpipe.providers.local_encoder import _private_tokenizer
+        from embedpipe.providers.local_encoder import private_tokenizer
 
         self.max_input_tokens = max_input_tokens
-        self._tok = _private_tokenizer(serialized, max_length=None)
+        self._tok = private_tokenizer(serialized, max_length=None)
         self._cut = PrefixCut(CUT_CHARS_PER_TOKEN * (max_input_tokens + 2))
-        truncating = _private_tokenizer(serialized, max_length=max_input_tokens + 2)
+        truncating = private_tokenizer(serialized, max_length=max_input_tokens + 2)
         self._cut.enabled = cut_is_exact(truncating, max_input_tokens + 2, self._cut.chars)
 
     def count(self, texts: Sequence[str], cap: int | None = None) -> list[int]:

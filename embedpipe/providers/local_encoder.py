@@ -99,7 +99,7 @@ def read_layout(folder: str | Path) -> ModelLayout | str:
 
 
 # --------------------------------------------------------------------------------- tokenizing
-def _private_tokenizer(serialized: str, *, max_length: int | None) -> Any:
+def private_tokenizer(serialized: str, *, max_length: int | None) -> Any:
     """A new ``tokenizers.Tokenizer`` with fixed settings: no padding, truncation at ``max_length`` or none."""
     from tokenizers import Tokenizer
 
@@ -219,8 +219,8 @@ class EncoderTokenizer:
     def __init__(self, serialized: str, max_seq: int, pad_id: int) -> None:
         self.max_seq = max_seq
         self.pad_id = pad_id
-        self.model_tok = _private_tokenizer(serialized, max_length=max_seq)
-        self.count_tok = _private_tokenizer(serialized, max_length=None)
+        self.model_tok = private_tokenizer(serialized, max_length=max_seq)
+        self.count_tok = private_tokenizer(serialized, max_length=None)
         self.cut = PrefixCut(CUT_CHARS_PER_TOKEN * max_seq)
         self.cut.enabled = cut_is_exact(self.model_tok, max_seq, self.cut.chars)
         if not self.cut.enabled:
@@ -384,8 +384,8 @@ class LocalEncoder:
         if not texts:
             return np.zeros((0, self.dimensions), dtype=np.float32)
         if self.onnx is not None:
-            return self._run(texts, self.onnx.forward)
-        return self._run(texts, self.forward_torch)
+            return self.run(texts, self.onnx.forward)
+        return self.run(texts, self.forward_torch)
 
     def forward_torch(self, ids: Any, mask: Any) -> Any:
         """Pooled embeddings of one padded batch (a torch tensor on the device)."""
@@ -424,7 +424,7 @@ class LocalEncoder:
                 else:
                     yield part[rows], ids, mask
 
-    def _run(self, texts: list[str], forward: Callable[[Any, Any], Any]) -> np.ndarray:
+    def run(self, texts: list[str], forward: Callable[[Any, Any], Any]) -> np.ndarray:
         q: queue.Queue[Any] = queue.Queue(maxsize=4)
         stop = threading.Event()
         done = object()

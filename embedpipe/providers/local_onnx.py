@@ -207,8 +207,8 @@ class Int8Model:
         if key in verdicts:
             return GateResult(**verdicts[key])
         log.info("embedpipe: gating the int8 model on %d texts against fp32", len(texts))
-        fp32 = encoder._run(texts, encoder.forward_torch)
-        int8 = encoder._run(texts, self.forward)
+        fp32 = encoder.run(texts, encoder.forward_torch)
+        int8 = encoder.run(texts, self.forward)
         cos = np.sum(_unit(fp32) * _unit(int8), axis=1)
         result = GateResult(float(cos.min()), float(cos.mean()), len(texts), sample_sha, model_sha)
         verdicts[key] = asdict(result)
