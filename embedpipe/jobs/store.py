@@ -31,6 +31,30 @@ from embedpipe.jobs.state import Failed, RunStats, Sample, StoredRecord, Written
 
 
 @runtime_checkable
+class ChunkStore(Protocol):
+    """What :func:`~embedpipe.jobs.process_chunk` needs of a store: records' last state, leases and the commit.
+
+    A :class:`JobStore` is one; so is a distributed job's shared ledger
+    (:class:`embedpipe.distributed.ledger.RedisJobLedger`), whose results the submitter applies
+    to its own job store. A store with ``reserves_spend = True`` also offers
+    ``reserve_spend(chunk_id, usd, ttl) -> bool`` and holds the job's budget.
+    """
+
+    write_lock: Any
+
+    def get(self, name: str) -> str | None: ...
+    def lookup(self, ids: Sequence[str]) -> dict[str, StoredRecord]: ...
+    def chunk_status(self, chunk_id: str) -> str | None: ...
+    def acquire_lease(self, chunk_id: str, gen: int, owner: str, ttl: float) -> int | None: ...
+    def renew_lease(self, chunk_id: str, owner: str, ttl: float) -> bool: ...
+    def release_lease(self, chunk_id: str, owner: str) -> None: ...
+    def commit(self, gen: int, written: Sequence[Written], failed: Sequence[Failed],
+               meta: dict[str, Any] | None = None, *, chunk_id: str | None = None, seq: int | None = None,
+               counts: dict[str, Any] | None = None, samples: Sequence[Sample] = (),
+               sample_size: int = 0) -> Any: ...
+
+
+@runtime_checkable
 class JobStore(Protocol):
     """The state of one job, shared by its planner, its workers and its finisher."""
 
@@ -81,4 +105,4 @@ class JobStore(Protocol):
     def samples(self) -> list[tuple[Entry, np.ndarray]]: ...
 
 
-__all__ = ["JobStore"]
+__all__ = ["ChunkStore", "JobStore"]

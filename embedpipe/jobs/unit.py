@@ -29,7 +29,7 @@ import time
 import uuid
 from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -43,6 +43,7 @@ from embedpipe.jobs.sinks import Sink, sink_from
 from embedpipe.jobs.sources import source_from
 from embedpipe.jobs.spec import JobSpec
 from embedpipe.jobs.state import Failed, SQLiteJobStore, Written, job_store_from
+from embedpipe.jobs.store import ChunkStore
 from embedpipe.pipeline import EmbeddingPipeline
 
 log = logging.getLogger("embedpipe.jobs")
@@ -128,7 +129,7 @@ class ChunkOutcome:
     budget_exceeded: bool = False
 
 
-def classify(store: SQLiteJobStore, records: Sequence[Record], *, updates_metadata: bool, gen: int | None,
+def classify(store: ChunkStore, records: Sequence[Record], *, updates_metadata: bool, gen: int | None,
              force: bool = False) -> tuple[list[Entry], list[Entry], int, int, int, int]:
     """Sort ``records`` out against ``store``: ``(entries, to_embed, unchanged, metadata_only, dead, known)``.
 
@@ -161,8 +162,9 @@ def classify(store: SQLiteJobStore, records: Sequence[Record], *, updates_metada
         else:
             to_embed.append(e)
     if gen is not None:
-        store.mark_seen(list(stored), gen)
-        store.update_metadata(updates)
+        full = cast(SQLiteJobStore, store)  # marking needs the job store itself, which only planners pass with a gen
+        full.mark_seen(list(stored), gen)
+        full.update_metadata(updates)
     return entries, to_embed, unchanged, len(updates), dead, len(stored)
 
 
@@ -266,7 +268,7 @@ def _spec_json(spec: JobSpec) -> str | None:
 class _LeaseKeeper:
     """Renews a chunk's lease every third of its life while the chunk is embedded."""
 
-    def __init__(self, store: SQLiteJobStore, chunk_id: str, owner: str, ttl: float) -> None:
+    def __init__(self, store: ChunkStore, chunk_id: str, owner: str, ttl: float) -> None:
         self.store, self.chunk_id, self.owner, self.ttl = store, chunk_id, owner, ttl
         self.lost = False
         self._stop = threading.Event()
@@ -287,7 +289,7 @@ class _LeaseKeeper:
         self._thread.join()
 
 
-def process_chunk(spec: JobSpec, chunk: Chunk, *, store: SQLiteJobStore, pipeline: EmbeddingPipeline | None = None,
+def process_chunk(spec: JobSpec, chunk: Chunk, *, store: ChunkStore, pipeline: EmbeddingPipeline | None = None,
                   sink: Sink | None = None, hooks: Sequence[Hook] = (), owner: str | None = None,
                   lease_seconds: float = LEASE_SECONDS, sample_size: int | None = None) -> ChunkOutcome:
     """Embed ``chunk``, write it to the sink and commit it, once.
@@ -326,8 +328,15 @@ def process_chunk(spec: JobSpec, chunk: Chunk, *, store: SQLiteJobStore, pipelin
             store.commit(chunk.gen, [], [], chunk_id=cid, seq=chunk.seq)
             committed = True
             return ChunkOutcome(cid, "done", attempt)
+        texts = [e.record.text for e in entries]
+        if spec.budget_usd is not None and getattr(store, "reserves_spend", False):
+            # A store shared by many workers holds the job's budget: reserve what this chunk would cost
+            # (its uncached part) before sending anything, so N workers never spend N budgets.
+            cost = pipe.estimate(texts).cost_usd or 0.0
+            if not store.reserve_spend(cid, cost, lease_seconds):  # type: ignore[attr-defined]  # reserves_spend
+                return ChunkOutcome(cid, "budget", attempt, budget_exceeded=True)
         try:
-            arr = pipe.embed_array([e.record.text for e in entries])
+            arr = pipe.embed_array(texts)
         except BudgetExceededError:
             # The call's estimate did not fit what is left of the budget: nothing was sent.
             return ChunkOutcome(cid, "budget", attempt, budget_exceeded=True)
@@ -383,7 +392,7 @@ def process_chunk(spec: JobSpec, chunk: Chunk, *, store: SQLiteJobStore, pipelin
             pipe.close()
 
 
-def _check_dims(store: SQLiteJobStore, spec: str, dims: int) -> int:
+def _check_dims(store: ChunkStore, spec: str, dims: int) -> int:
     have = store.get("dimensions")
     if have is not None and int(have) != dims:
         raise JobConflictError(f"{spec} returned {dims}-dimensional vectors but the output holds {have}-dimensional "

@@ -1,0 +1,37 @@
+"""The Celery app of the distributed tests' workers: embedpipe's own app, with two test-only changes.
+
+- ``openai:`` providers whose batch holds a text starting ``KILL-THE-WORKER`` end their
+  process at once (``os._exit``), as a segfault or the OOM killer would: a poison record.
+- ``$EMBEDPIPE_TEST_QUEUE`` names the queue, so a test on the shared RabbitMQ has one of its own.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from embedpipe.distributed.celery import make_app
+from embedpipe.providers import PROVIDERS, BatchResult, Provider, Role
+
+_real_openai = PROVIDERS["openai"]
+
+
+def _poisonable(name: str, **opts: Any) -> Provider:
+    provider = _real_openai(name, **opts)
+    real = provider.aembed_batch
+
+    async def aembed_batch(texts: list[Any], role: Role) -> BatchResult:
+        if any(isinstance(t, str) and t.startswith("KILL-THE-WORKER") for t in texts):
+            os._exit(137)
+        return await real(texts, role)
+
+    provider.aembed_batch = aembed_batch  # type: ignore[method-assign]
+    return provider
+
+
+PROVIDERS["openai"] = _poisonable
+
+_overrides: dict[str, Any] = {}
+if os.environ.get("EMBEDPIPE_TEST_QUEUE"):
+    _overrides["task_default_queue"] = os.environ["EMBEDPIPE_TEST_QUEUE"]
+app = make_app(os.environ["EMBEDPIPE_BROKER_URL"], os.environ.get("EMBEDPIPE_STORE_URL"), **_overrides)
