@@ -11,10 +11,20 @@ from typing import Any
 from embedpipe._urls import URL, redact_url
 from embedpipe.cache.base import CacheBackend, CacheStats, url_options
 from embedpipe.errors import CacheUnavailableError, ConfigurationError
+from embedpipe.owners import dead_here
 
 log = logging.getLogger("embedpipe.cache")
 
 _CHUNK = 1000  # keys per MGET / pipeline: bounded request size
+# KEYS: a claim. ARGV: the dead holder, the new owner, ttl ms. Take it only from that holder.
+_TAKE_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+    return 1
+end
+return 0
+"""
+
 _RELEASE_LUA = """
 for i, key in ipairs(KEYS) do
     if redis.call('GET', key) == ARGV[1] then redis.call('DEL', key) end
@@ -57,6 +67,7 @@ class RedisCache(CacheBackend):
         self._warn_lock = threading.Lock()
         # Delete a claim only if this owner still holds it (one script: compare and delete atomically).
         self._release = self._client.register_script(_RELEASE_LUA)
+        self._take = self._client.register_script(_TAKE_LUA)
 
     @classmethod
     def from_url(cls, url: URL) -> RedisCache:
@@ -125,8 +136,13 @@ class RedisCache(CacheBackend):
                 for key in part:
                     pipe.get(self._claim_prefix + key)
                 replies = pipe.execute()
-                holders = replies[len(part):]
-                out.extend((h.decode() if isinstance(h, bytes) else h) == owner for h in holders)
+                holders = [h.decode() if isinstance(h, bytes) else h for h in replies[len(part):]]
+                for i, (key, holder) in enumerate(zip(part, holders, strict=True)):
+                    # A holder on this host whose process is gone embeds nothing: take its claim now.
+                    if holder is not None and holder != owner and dead_here(holder) and \
+                            self._take(keys=[self._claim_prefix + key], args=[holder, owner, int(ttl * 1000)]):
+                        holders[i] = owner
+                out.extend(h == owner for h in holders)
         except self._redis_errors as exc:
             self._fail(exc, "claim")
             return [True] * len(keys)

@@ -13,6 +13,7 @@ from pathlib import Path
 from embedpipe import _sqlite
 from embedpipe._urls import URL
 from embedpipe.cache.base import CacheBackend, CacheStats, url_options
+from embedpipe.owners import dead_here
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
@@ -209,7 +210,14 @@ class SQLiteCache(CacheBackend):
                 marks = ",".join("?" * len(part))
                 c.execute(f"DELETE FROM claims WHERE key IN ({marks}) AND expires < ?", [*part, now])
                 c.executemany("INSERT OR IGNORE INTO claims VALUES (?, ?, ?)", [(k, owner, now + ttl) for k in part])
-                held.update(c.execute(f"SELECT key, owner FROM claims WHERE key IN ({marks})", part).fetchall())
+                rows = c.execute(f"SELECT key, owner FROM claims WHERE key IN ({marks})", part).fetchall()
+                # A holder on this host whose process is gone embeds nothing: take its claim now.
+                dead = {o for _, o in rows if o != owner and dead_here(o)}
+                if dead:
+                    c.executemany("UPDATE claims SET owner = ?, expires = ? WHERE key = ? AND owner = ?",
+                                  [(owner, now + ttl, k, o) for k, o in rows if o in dead])
+                    rows = c.execute(f"SELECT key, owner FROM claims WHERE key IN ({marks})", part).fetchall()
+                held.update(rows)
 
         self._write(write)
         return [held.get(k) == owner for k in keys]

@@ -155,6 +155,7 @@ def run_chunk(task: Task, spec_json: str, chunk_data: dict[str, Any], store_url:
     spec = JobSpec.from_json(spec_json)
     chunk = Chunk.from_dict(chunk_data)
     ledger = _workers.ledger(store_url, spec.job_id)
+    lease = float(getattr(task.app.conf, "embedpipe_lease_seconds", None) or LEASE_SECONDS)
     try:
         if ledger.cancelled():
             return "cancelled"
@@ -162,9 +163,9 @@ def run_chunk(task: Task, spec_json: str, chunk_data: dict[str, Any], store_url:
         if ledger.chunk_status(cid) == "done":
             return "skipped"
         if ledger.attempts(cid) >= max_attempts:
-            return _poison(task, spec_json, chunk, ledger, store_url)
+            return _poison(task, spec_json, chunk, ledger, store_url, lease)
         outcome = process_chunk(spec, chunk, store=ledger, pipeline=_workers.pipeline(spec, store_url),
-                                sink=_workers.sink(spec), owner=_workers.owner, lease_seconds=LEASE_SECONDS)
+                                sink=_workers.sink(spec), owner=_workers.owner, lease_seconds=lease)
     except (LedgerUnavailableError, RateLimiterUnavailableError) as exc:
         # Fail closed: never spend on a limit or a budget of this worker's own. Try again later.
         log.warning("embedpipe: %s; chunk retried in %.0fs", exc, BACKOFF_SECONDS)
@@ -176,15 +177,15 @@ def run_chunk(task: Task, spec_json: str, chunk_data: dict[str, Any], store_url:
         ledger.stop_at_budget(chunk.chunk_id)
     if outcome.status == "leased":
         # Another worker holds a live lease: this copy is a redelivery. Ask again once that lease could be gone.
-        raise task.retry(countdown=LEASE_SECONDS / 2, max_retries=None)
+        raise task.retry(countdown=lease / 2, max_retries=None)
     return outcome.status
 
 
-def _poison(task: Task, spec_json: str, chunk: Chunk, ledger: RedisJobLedger, store_url: str) -> str:
+def _poison(task: Task, spec_json: str, chunk: Chunk, ledger: RedisJobLedger, store_url: str, lease: float) -> str:
     """A chunk that started ``max_attempts`` times without a commit: bisect it, or dead-letter its one record."""
     cid = chunk.chunk_id
     owner = _workers.owner
-    if ledger.acquire_lease(cid, chunk.gen, owner, LEASE_SECONDS) is None:
+    if ledger.acquire_lease(cid, chunk.gen, owner, lease) is None:
         return "skipped"
     if len(chunk.records) == 1:
         (entry,) = chunk.records
@@ -205,6 +206,8 @@ def _poison(task: Task, spec_json: str, chunk: Chunk, ledger: RedisJobLedger, st
 
 def make_app(broker_url: str, store_url: str | None = None, **overrides: Any) -> Celery:
     """A Celery app whose workers process embedpipe chunks, with the settings of the module's docstring.
+
+    ``embedpipe_lease_seconds`` (an override) sets the chunk lease (default :data:`LEASE_SECONDS`).
 
     ``store_url`` is the Redis of the jobs' shared ledger (by default the broker's, if it is a
     Redis URL); it is only recorded here for :func:`embedpipe.distributed.submit`.

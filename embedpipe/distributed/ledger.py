@@ -32,6 +32,7 @@ from embedpipe._urls import redact_url
 from embedpipe.errors import EmbedPipeError
 from embedpipe.jobs.records import Entry, Record
 from embedpipe.jobs.state import Failed, Sample, StoredRecord, Written
+from embedpipe.owners import dead_here
 
 #: every job the ledger has seen: job_id -> spec JSON
 JOBS_KEY = "embedpipe:jobs"
@@ -265,9 +266,15 @@ class RedisJobLedger:
         return "done" if status in ("done", "split") else status
 
     def acquire_lease(self, chunk_id: str, gen: int, owner: str, ttl: float) -> int | None:
-        result = int(self._call(self._scripts["acquire"],
-                                keys=[self.keys["chunks"], self._lease_key(chunk_id), self.keys["attempts"]],
-                                args=[chunk_id, owner, max(1, int(ttl * 1000))]))
+        keys = [self.keys["chunks"], self._lease_key(chunk_id), self.keys["attempts"]]
+        args = [chunk_id, owner, max(1, int(ttl * 1000))]
+        result = int(self._call(self._scripts["acquire"], keys=keys, args=args))
+        if result == 0:
+            # A holder on this host whose process is gone (a pool child killed mid-chunk) holds nothing:
+            # no need to wait for its lease to run out.
+            holder = self.lease_owner(chunk_id)
+            if holder is not None and dead_here(holder) and self.break_lease(chunk_id, holder):
+                result = int(self._call(self._scripts["acquire"], keys=keys, args=args))
         return result if result > 0 else None
 
     def renew_lease(self, chunk_id: str, owner: str, ttl: float) -> bool:
@@ -277,6 +284,16 @@ class RedisJobLedger:
     def release_lease(self, chunk_id: str, owner: str) -> None:
         self._call(self._scripts["release"], keys=[self._lease_key(chunk_id), self.keys["reservations"]],
                    args=[owner, chunk_id])
+
+    def lease_owner(self, chunk_id: str) -> str | None:
+        """Who holds the chunk's lease now, if anyone."""
+        value = self._call(self._client.get, self._lease_key(chunk_id))
+        return None if value is None else value.decode()
+
+    def break_lease(self, chunk_id: str, owner: str) -> bool:
+        """Drop the lease ``owner`` holds (it is known dead); ``False`` if someone else holds it now."""
+        return bool(self._call(self._client.eval, "if redis.call('GET', KEYS[1]) == ARGV[1] then "
+                               "return redis.call('DEL', KEYS[1]) end return 0", 1, self._lease_key(chunk_id), owner))
 
     def reserve_spend(self, chunk_id: str, usd: float, ttl: float) -> bool:
         """Reserve ``usd`` of the job's budget for this chunk, for ``ttl`` seconds; ``False`` if it does not fit."""

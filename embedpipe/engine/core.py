@@ -18,8 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import socket
 import time
 import uuid
 import warnings
@@ -77,6 +75,7 @@ from embedpipe.events import (
 )
 from embedpipe.keys import item_keys, key_material, text_keys
 from embedpipe.limits import MemoryRateLimiter, RateLimiter, RateLimiterUnavailableError, header_number
+from embedpipe.owners import owner_name
 from embedpipe.providers.base import BUG_EXCEPTIONS, Provider, Role
 from embedpipe.retry import make_retrying
 from embedpipe.stats import Stats
@@ -159,7 +158,7 @@ class Engine:
         self._fallback: RateLimiter | None = None
         self._limiter_down_until = -1.0
         #: this engine's name in claims on a cache shared by processes, and how long a claim lasts
-        self._owner = f"{socket.gethostname()}:{uuid.uuid4().hex[:12]}"
+        self._tail = uuid.uuid4().hex[:12]
         self.claim_ttl = CLAIM_TTL_SECONDS
         #: after a 429, one request at a time probes until one succeeds (see :meth:`send`)
         self._storm = False
@@ -438,7 +437,7 @@ class Engine:
     @property
     def owner(self) -> str:
         """This engine's name in cross-process claims (the pid changes after a fork, and so does the name)."""
-        return f"{self._owner}:{os.getpid()}"
+        return owner_name(self._tail)
 
     async def _claim_and_embed(self, call: Call, own: list[int],
                                flights: dict[int, asyncio.Future[np.ndarray | None]]) -> list[int]:

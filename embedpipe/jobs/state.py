@@ -34,6 +34,7 @@ from embedpipe.deadletters.sqlite import DEAD_LETTER_COLUMNS, DEAD_LETTER_SCHEMA
 from embedpipe.errors import ConfigurationError
 from embedpipe.jobs.errors import JobConflictError, JobLockedError
 from embedpipe.jobs.records import Entry, Record
+from embedpipe.owners import dead_here
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -443,7 +444,8 @@ class SQLiteJobStore:
                              (chunk_id,)).fetchone()
             if row is not None:
                 status, holder, until, attempts = row
-                if status == "done" or (holder not in (None, owner) and until is not None and until > now):
+                live = holder not in (None, owner) and until is not None and until > now and not dead_here(holder)
+                if status == "done" or live:
                     return None
                 db.execute("UPDATE chunks SET status='running', lease_owner=?, lease_until=?, attempts=attempts + 1, "
                            "gen=?, updated=? WHERE chunk_id=?", (owner, now + ttl, gen, now, chunk_id))

@@ -23,10 +23,8 @@ import hashlib
 import logging
 import os
 import random
-import socket
 import threading
 import time
-import uuid
 from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -44,6 +42,7 @@ from embedpipe.jobs.sources import source_from
 from embedpipe.jobs.spec import JobSpec
 from embedpipe.jobs.state import Failed, SQLiteJobStore, Written, job_store_from
 from embedpipe.jobs.store import ChunkStore
+from embedpipe.owners import owner_name
 from embedpipe.pipeline import EmbeddingPipeline
 
 log = logging.getLogger("embedpipe.jobs")
@@ -207,8 +206,8 @@ def secrets_of(pipe: EmbeddingPipeline, api_key: str | None = None) -> list[str]
 
 
 def default_owner() -> str:
-    """A lease owner name unique to this process: host, pid and a random tail."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+    """A lease owner name unique to this process: ``host:pid:tail``."""
+    return owner_name()
 
 
 # ------------------------------------------------------------------ 1. plan
