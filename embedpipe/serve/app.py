@@ -55,6 +55,8 @@ EMBEDDING_ROUTES = ("/v1/embeddings", "/embeddings")
 MAX_TOKEN_ARRAY = 8192
 #: distinct ``dimensions`` one model serves at once (each is its own pipeline and vector space)
 MAX_DIMENSIONS_PER_MODEL = 8
+#: the cache entry /readyz writes and reads back
+_READY_KEY = "embedpipe-serve-readyz"
 #: text above this many characters is tokenized off the event loop
 _TOKENIZE_INLINE_CHARS = 50_000
 
@@ -236,8 +238,12 @@ class Service:
         """What is not ready, by part (empty when all are)."""
         problems: dict[str, str] = {}
         if self.cache is not None:
+            # A cache that fails open answers every read with "absent": only a value written and read
+            # back shows that it works.
             try:
-                await self.cache.aget_many(["embedpipe-readyz"])
+                await self.cache.aset_many([(_READY_KEY, b"ok")])
+                if (await self.cache.aget_many([_READY_KEY]))[0] != b"ok":
+                    problems["cache"] = "a value written to the cache could not be read back"
             except Exception as exc:
                 problems["cache"] = f"{type(exc).__name__}: {exc}"
         if self.store is not None:
