@@ -15,8 +15,8 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("prometheus_client")
 
-from tests.openai_server import OpenAITestServer, cl100k_encoding, expected_vector, expected_vectors  # noqa: E402
-from tests.serve_live import MODEL, LiveService, metric, settings_for  # noqa: E402
+from tests.openai_server import OpenAITestServer, cl100k_encoding, expected_vector, expected_vectors
+from tests.serve_live import MODEL, LiveService, metric, settings_for
 
 TEXTS = ["the cat sat", "on the mat", "the cat sat", "a dog barked at the moon"]
 UNIQUE = list(dict.fromkeys(TEXTS))
