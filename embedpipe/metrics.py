@@ -128,12 +128,9 @@ class PrometheusMetrics:
         model = event.model
         if isinstance(event, CacheRead):
             if event.hits:
-                self.cache_hits.labels(model).inc(event.hits)
                 self.tokens.labels(model, "saved").inc(event.saved_tokens)
                 if event.saved_usd:
                     self.cost.labels(model, "saved").inc(event.saved_usd)
-            if event.misses:
-                self.cache_misses.labels(model).inc(event.misses)
         elif isinstance(event, RequestSent):
             self.batch_inputs.labels(model).observe(event.inputs)
             self.batch_tokens.labels(model).observe(event.tokens_est)
@@ -153,9 +150,15 @@ class PrometheusMetrics:
         elif isinstance(event, InputsFailed):
             self.dead_letters.labels(model).inc(len(event.failures))
         elif isinstance(event, CallDone):
-            # Deduped inputs are known only at the end: single-flight turns misses into dedupes mid-call.
-            if event.stats.deduped:
-                self.deduped.labels(model).inc(event.stats.deduped)
+            # Hits, misses and dedupes are final only at the end: single-flight turns misses into dedupes
+            # and a re-read turns them into hits, after the CacheRead event.
+            stats = event.stats
+            if stats.hits:
+                self.cache_hits.labels(model).inc(stats.hits)
+            if stats.misses:
+                self.cache_misses.labels(model).inc(stats.misses)
+            if stats.deduped:
+                self.deduped.labels(model).inc(stats.deduped)
         elif isinstance(event, LimitsObserved):
             if event.remaining_requests is not None:
                 self.ratelimit_remaining.labels(model, "requests").set(event.remaining_requests)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -241,14 +242,20 @@ def test_json_logs_carry_the_request_id(service: LiveService, capsys: pytest.Cap
     logger = logging.getLogger("embedpipe.serve")
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
+    lines: list[dict[str, Any]] = []
     try:
         got = _post(service, {"model": MODEL, "input": "logged"}, headers={"x-request-id": "req-42",
                                                                            "authorization": "Bearer sk-secret-1"})
+        # The line is written once the answer has left, so it may land just after the client has it.
+        for _ in range(100):
+            lines += [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+            mine = [line for line in lines if line.get("request_id") == "req-42"]
+            if mine:
+                break
+            time.sleep(0.02)
     finally:
         logger.removeHandler(handler)
         logger.setLevel(logging.NOTSET)
     assert got.headers["x-request-id"] == "req-42"
-    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
-    mine = [line for line in lines if line.get("request_id") == "req-42"]
     assert mine and mine[-1]["status"] == 200 and mine[-1]["route"] == "/v1/embeddings" and mine[-1]["inputs"] == 1
     assert "sk-secret-1" not in json.dumps(lines)

@@ -3,8 +3,10 @@
 The engine batches within one call; HTTP requests are separate calls. :class:`MicroBatcher`
 collects the inputs of requests for up to ``max_wait`` seconds, or until ``max_inputs``
 inputs or ``max_tokens`` tokens are waiting, then makes one ``aembed_array`` call of all of
-them and hands each request its rows. While ``max_calls`` calls are in flight it keeps
-collecting, so under load batches grow instead of queueing (the adaptive batching TEI does).
+them and hands each request its rows. A full batch leaves while fewer than ``max_calls`` calls
+are in flight; a partial one only while fewer than ``partial_calls`` are, so under load partial
+batches keep collecting instead of queueing (the adaptive batching TEI does) and the upstream
+sees few, large requests.
 The engine dedupes the combined inputs, reads the cache once, and awaits texts that another
 call is embedding, so nothing here repeats that work.
 
@@ -69,13 +71,14 @@ class MicroBatcher:
 
     def __init__(self, pipeline: EmbeddingPipeline, *, max_wait: float = 0.002, max_inputs: int = 2048,
                  max_tokens: int = 300_000, max_queue: int = 65_536, max_calls: int | None = None,
-                 metrics: PrometheusMetrics | None = None) -> None:
+                 partial_calls: int = 2, metrics: PrometheusMetrics | None = None) -> None:
         self.pipeline = pipeline
         self.max_wait = max_wait
         self.max_inputs = max_inputs
         self.max_tokens = max_tokens
         self.max_queue = max_queue
         self.max_calls = max_calls or pipeline.max_concurrency
+        self.partial_calls = max(1, min(partial_calls, self.max_calls))
         self.metrics = metrics
         self.model = pipeline.provider.spec
         self._open: list[_Job] = []
@@ -132,7 +135,11 @@ class MicroBatcher:
         return self._open_inputs >= self.max_inputs or self._open_tokens >= self.max_tokens
 
     def _due(self) -> bool:
-        return bool(self._open) and (self._full() or time.perf_counter() - self._open[0].arrived >= self.max_wait)
+        if not self._open:
+            return False
+        if self._full():
+            return self._busy < self.max_calls
+        return self._busy < self.partial_calls and time.perf_counter() - self._open[0].arrived >= self.max_wait
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -140,7 +147,7 @@ class MicroBatcher:
 
     def _flush(self) -> None:
         """Send what waits, while a call slot is free; a finishing call flushes again."""
-        while self._open and self._busy < self.max_calls and self._due():
+        while self._due():
             jobs: list[_Job] = []
             inputs = tokens = 0
             while self._open:
@@ -157,7 +164,7 @@ class MicroBatcher:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         self._depth()
-        if self._open and self._timer is None and self._busy < self.max_calls:
+        if self._open and self._timer is None and self._busy < self.partial_calls:
             wait = self.max_wait - (time.perf_counter() - self._open[0].arrived)
             self._timer = asyncio.get_running_loop().call_later(max(wait, 0.0), self._on_timer)
 
