@@ -56,7 +56,7 @@ def _errors(fn: F) -> F:
               "request id.")
 @click.pass_context
 @_errors
-def serve(ctx: click.Context, workers: int, config: str | None, **kw: Any) -> None:
+def serve(ctx: click.Context, /, workers: int, config: str | None, **kw: Any) -> None:
     """Serve OpenAI's /v1/embeddings with one cache, coalescing, keys, limits, budgets and metrics."""
     if ctx.invoked_subcommand is not None:
         return
