@@ -49,7 +49,7 @@ METRIC_NAMES = (
     "embedpipe_dead_letters_total", "embedpipe_request_duration_seconds", "embedpipe_upstream_latency_seconds",
     "embedpipe_limiter_wait_seconds", "embedpipe_queue_wait_seconds", "embedpipe_batch_inputs",
     "embedpipe_batch_tokens", "embedpipe_inflight_requests", "embedpipe_queue_depth",
-    "embedpipe_ratelimit_remaining", "embedpipe_budget_remaining_usd",
+    "embedpipe_ratelimit_remaining", "embedpipe_budget_remaining_usd", "embedpipe_budget_limit_usd",
 )
 
 #: the reasons :class:`~embedpipe.events.Retried` carries; their series exist from the start, at zero
@@ -121,6 +121,8 @@ class PrometheusMetrics:
                                      ["model", "kind"], multiprocess_mode="mostrecent", registry=r)
         self.budget_remaining = g("embedpipe_budget_remaining_usd", "USD left of a budget (a pipeline's or a "
                                   "key's).", ["model", "key"], multiprocess_mode="mostrecent", registry=r)
+        self.budget_limit = g("embedpipe_budget_limit_usd", "The budget itself, for the share left.",
+                              ["model", "key"], multiprocess_mode="mostrecent", registry=r)
 
     # ------------------------------------------------------------------ the hook
     def __call__(self, event: Event) -> None:
@@ -166,6 +168,7 @@ class PrometheusMetrics:
                 self.ratelimit_remaining.labels(model, "tokens").set(event.remaining_tokens)
         elif isinstance(event, BudgetChanged) and event.remaining_usd is not None:
             self.budget_remaining.labels(model, "").set(event.remaining_usd)
+            self.budget_limit.labels(model, "").set(event.spent_usd + event.remaining_usd)
 
     # ------------------------------------------------------------------ what the service adds
     def declare(self, model: str) -> None:
@@ -186,9 +189,10 @@ class PrometheusMetrics:
         self.requests.labels(model, route, str(status), key).inc()
         self.request_duration.labels(model, route).observe(seconds)
 
-    def key_budget(self, model: str, key: str, remaining_usd: float) -> None:
-        """Set what is left of the budget of the key labelled ``key``."""
+    def key_budget(self, model: str, key: str, remaining_usd: float, limit_usd: float) -> None:
+        """Set the budget of the key labelled ``key`` and what is left of it."""
         self.budget_remaining.labels(model, key).set(remaining_usd)
+        self.budget_limit.labels(model, key).set(limit_usd)
 
     # ------------------------------------------------------------------ reading
     def exposition(self) -> tuple[bytes, str]:

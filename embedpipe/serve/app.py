@@ -194,7 +194,7 @@ class Service:
         self._key_limiters[record.key_hash] = (record.rpm, record.tpm, limiter)
         return limiter
 
-    async def admit(self, record: KeyRecord, tokens: int, price: float | None) -> None:
+    async def admit(self, record: KeyRecord, tokens: int, price: float | None, model: str) -> None:
         """Charge the key's rpm/tpm and check its budget; raises a 429 (or 400) :class:`APIError`."""
         limiter = self.key_limiter(record)
         if limiter is not None:
@@ -215,6 +215,9 @@ class Service:
             if price is None:
                 raise APIError(500, "This key has a budget but the model's price is unknown; set "
                                "price_per_1m_tokens for it.", "server_error", "price_unknown")
+            remaining = record.remaining_usd
+            assert remaining is not None
+            self.metrics.key_budget(model, record.label, remaining, record.budget_usd)
             budget = Budget(record.budget_usd, price)
             budget.spend(record.spent_usd)
             try:
@@ -231,7 +234,7 @@ class Service:
         except KeyStoreError as exc:
             log.error("could not record spend of key %s: %s", record.label, exc)
             return
-        self.metrics.key_budget(model, record.label, max(0.0, record.budget_usd - spent))
+        self.metrics.key_budget(model, record.label, max(0.0, record.budget_usd - spent), record.budget_usd)
 
     # ------------------------------------------------------------------ health
     async def readiness(self) -> dict[str, str]:
@@ -496,7 +499,7 @@ def create_app(settings: ServeSettings, *, metrics: PrometheusMetrics | None = N
         request.state.inputs = len(texts)
         tokens = await _count(pipe, texts)
         if record is not None:
-            await service.admit(record, sum(tokens), pipe.price_per_1m_tokens)
+            await service.admit(record, sum(tokens), pipe.price_per_1m_tokens, spec)
         gauge = service.metrics.inflight.labels(spec)
         gauge.inc()
         try:
