@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -543,6 +543,7 @@ def create_app(settings: ServeSettings, *, metrics: PrometheusMetrics | None = N
                                            for name in sorted(service.models)]}
 
     @app.get("/metrics", summary="Prometheus metrics (needs a key unless --metrics-port serves them)",
+             response_class=PlainTextResponse,
              responses={401: errors[401], 404: {"description": "Served on --metrics-port instead"}})
     async def metrics_route(request: Request) -> Response:
         if settings.metrics_port is not None:

@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
 __all__ = ["EmbeddingItem", "EmbeddingRequest", "EmbeddingResponse", "ErrorBody", "ErrorResponse", "Usage"]
 
 # Token arrays are what LangChain's OpenAIEmbeddings sends when it checks context lengths.
-InputValue = Union[str, list[str], list[int], list[list[int]]]  # noqa: UP007 - pydantic reads it at runtime on 3.10
+# Validation beyond the types is the service's own (its 400s name the offending input); the schema
+# states the same limits for clients and schema-driven tests.
+_TEXT = {"type": "string", "minLength": 1}
+_TOKENS = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 100255}, "minItems": 1,
+           "maxItems": 8192}
+INPUT_SCHEMA = {"anyOf": [
+    _TEXT,
+    {"type": "array", "items": _TEXT, "minItems": 1, "maxItems": 2048},
+    _TOKENS,
+    {"type": "array", "items": _TOKENS, "minItems": 1, "maxItems": 2048},
+], "description": "A string, a list of strings, a token array or a list of token arrays (cl100k ids)."}
+InputValue = Annotated[
+    Union[str, list[str], list[int], list[list[int]]],  # noqa: UP007 - pydantic reads it at runtime on 3.10
+    WithJsonSchema(INPUT_SCHEMA),
+]
 
 
 class EmbeddingRequest(BaseModel):
@@ -17,7 +31,7 @@ class EmbeddingRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    input: InputValue = Field(description="A string, a list of strings, a token array or a list of token arrays.")
+    input: InputValue
     model: str = Field(description="A model name the service is configured with.")
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(default=None, ge=1, description="Matryoshka output dimensions.")
