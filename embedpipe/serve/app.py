@@ -194,8 +194,9 @@ class Service:
         self._key_limiters[record.key_hash] = (record.rpm, record.tpm, limiter)
         return limiter
 
-    async def admit(self, record: KeyRecord, tokens: int, price: float | None, model: str) -> None:
-        """Charge the key's rpm/tpm and check its budget; raises a 429 (or 400) :class:`APIError`."""
+    async def admit(self, record: KeyRecord, tokens: int, billable: int, price: float | None, model: str) -> None:
+        """Charge the key's rpm/tpm with the request's ``tokens`` and check that the ``billable`` ones (those
+        the cache does not hold) fit its budget; raises a 429 (or 400) :class:`APIError`."""
         limiter = self.key_limiter(record)
         if limiter is not None:
             if limiter.tpm is not None and tokens > limiter.tpm:
@@ -221,7 +222,7 @@ class Service:
             budget = Budget(record.budget_usd, price)
             budget.spend(record.spent_usd)
             try:
-                budget.check(tokens)
+                budget.check(billable)
             except BudgetExceededError as exc:
                 raise APIError(429, f"Key {record.label} has reached its budget: {exc}", "insufficient_quota",
                                "insufficient_quota") from None
@@ -497,13 +498,17 @@ def create_app(settings: ServeSettings, *, metrics: PrometheusMetrics | None = N
         request.state.model = spec
         texts = _texts_of(body, pipe, settings.max_inputs)
         request.state.inputs = len(texts)
-        tokens = await _count(pipe, texts)
+        held = await route.batcher.probe(texts)
+        limited = record is not None and (record.tpm is not None or record.budget_usd is not None)
+        # A request the cache holds needs no token count unless its key counts tokens.
+        tokens = await _count(pipe, texts) if limited or not all(held) else [0] * len(texts)
         if record is not None:
-            await service.admit(record, sum(tokens), pipe.price_per_1m_tokens, spec)
+            new = {t: n for t, n, h in zip(texts, tokens, held, strict=True) if not h}
+            await service.admit(record, sum(tokens), sum(new.values()), pipe.price_per_1m_tokens, spec)
         gauge = service.metrics.inflight.labels(spec)
         gauge.inc()
         try:
-            answer = await route.batcher.embed(texts, tokens)
+            answer = await route.batcher.embed(texts, tokens, held)
         except QueueFullError as exc:
             raise APIError(429, f"The service is busy: {exc}", "rate_limit_error", "queue_full",
                            retry_after=1) from None

@@ -10,9 +10,14 @@ sees few, large requests.
 The engine dedupes the combined inputs, reads the cache once, and awaits texts that another
 call is embedding, so nothing here repeats that work.
 
-What one request is billed: the tokens the call was billed, shared among its requests by the
-tokens of the texts each was first to ask for among those the cache did not hold before the
-call (one bulk read, :meth:`MicroBatcher._probe`). The shares add up to the call's bill exactly.
+Each request first looks its texts up in the cache (:meth:`MicroBatcher.probe`, one bulk read). A
+request the cache holds entirely skips the batcher: one direct call answers it without waiting for
+company. The others are batched, and each is billed its share of what the call was billed: by the
+tokens of the texts it was first to ask for among those the cache did not hold. The shares add up
+to the call's bill exactly.
+
+A batch leaves at once when no call is in flight (an idle service adds no wait), after
+``max_wait`` otherwise.
 
 Hand-written rather than taken from a library: the batching libraries on PyPI (``aiobatch``,
 ``batched``…) cut by count and time only, know no token budget, and could not leave the
@@ -62,6 +67,7 @@ class Answer:
 class _Job:
     texts: Sequence[str]
     tokens: Sequence[int]
+    held: Sequence[bool]
     future: asyncio.Future[Answer]
     arrived: float = field(default_factory=time.perf_counter)
 
@@ -100,13 +106,30 @@ class MicroBatcher:
         """Inputs the queue still takes."""
         return self.max_queue - self._open_inputs
 
-    async def embed(self, texts: Sequence[str], tokens: Sequence[int]) -> Answer:
-        """Embed ``texts`` (their token counts in ``tokens``) in the next batch; raises :class:`QueueFullError`."""
+    async def probe(self, texts: Sequence[str]) -> list[bool]:
+        """Which of ``texts`` the cache holds now (all ``False`` without a cache or when it fails)."""
+        cache = self.pipeline.cache
+        if cache is None:
+            return [False] * len(texts)
+        keys = cache.keys_for(self.pipeline.key_material("document"), list(texts), "document")
+        with contextlib.suppress(CacheError):
+            return [v is not None for v in await cache.aget_many(keys)]
+        return [False] * len(texts)
+
+    async def embed(self, texts: Sequence[str], tokens: Sequence[int], held: Sequence[bool] | None = None) -> Answer:
+        """Embed ``texts`` (their token counts in ``tokens``; ``held``: what :meth:`probe` found).
+
+        Fully cached texts are answered at once; others wait for the next batch. Raises
+        :class:`QueueFullError` when the queue is full.
+        """
+        held = list(held) if held is not None else await self.probe(texts)
+        if held and all(held):
+            return await self._direct(texts)
         if self._open_inputs + len(texts) > self.max_queue:
             raise QueueFullError(f"the queue holds {self._open_inputs} inputs; {len(texts)} more would exceed "
                                  f"max_queue={self.max_queue}")
         loop = asyncio.get_running_loop()
-        job = _Job(texts, tokens, loop.create_future())
+        job = _Job(texts, tokens, held, loop.create_future())
         self._open.append(job)
         self._open_inputs += len(texts)
         self._open_tokens += sum(tokens)
@@ -139,6 +162,8 @@ class MicroBatcher:
             return False
         if self._full():
             return self._busy < self.max_calls
+        if self._busy == 0:
+            return True
         return self._busy < self.partial_calls and time.perf_counter() - self._open[0].arrived >= self.max_wait
 
     def _on_timer(self) -> None:
@@ -180,8 +205,7 @@ class MicroBatcher:
                 if self.metrics is not None:
                     self.metrics.queue_wait.labels(self.model).observe(started - job.arrived)
             texts = [t for job in jobs for t in job.texts]
-            unique, owner, weight = _owners(jobs)
-            held = await self._probe(unique)
+            unique, owner, weight, held = _owners(jobs)
             self.calls += 1
             result = await self.pipeline.aembed_array(texts, errors="collect")
             self._deliver(jobs, result, unique, owner, weight, held, started)
@@ -195,15 +219,16 @@ class MicroBatcher:
             self._busy -= 1
             self._flush()
 
-    async def _probe(self, unique: list[str]) -> list[bool]:
-        """Which of ``unique`` the cache holds now (all ``False`` without a cache or when it fails)."""
-        cache = self.pipeline.cache
-        if cache is None:
-            return [False] * len(unique)
-        keys = cache.keys_for(self.pipeline.key_material("document"), unique, "document")
-        with contextlib.suppress(CacheError):
-            return [v is not None for v in await cache.aget_many(keys)]
-        return [False] * len(unique)
+    async def _direct(self, texts: Sequence[str]) -> Answer:
+        """One call for a request the cache holds: no batch, no wait.
+
+        In a worker thread, where the engine's sync path reads the cache without a hop to its loop
+        (and where, should an entry vanish in between, the miss it sends upstream blocks no one).
+        """
+        self.calls += 1
+        result = await asyncio.to_thread(self.pipeline.embed_array, list(texts), errors="collect")
+        stats = result.stats
+        return Answer(np.asarray(result), dict(result.failures), stats.hits, stats.tokens, stats.cost_usd)
 
     def _deliver(self, jobs: list[_Job], result: np.ndarray, unique: list[str], owner: list[int],
                  weight: list[int], held: list[bool], started: float) -> None:
@@ -231,20 +256,23 @@ class MicroBatcher:
             offset += n
 
 
-def _owners(jobs: list[_Job]) -> tuple[list[str], list[int], list[int]]:
-    """The distinct texts of ``jobs`` in first-seen order, the job that asked first, and its token count."""
+def _owners(jobs: list[_Job]) -> tuple[list[str], list[int], list[int], list[bool]]:
+    """The distinct texts of ``jobs`` in first-seen order, the job that asked first, its token count,
+    and whether the cache held it when that job looked."""
     first: dict[str, int] = {}
     unique: list[str] = []
     owner: list[int] = []
     weight: list[int] = []
+    held: list[bool] = []
     for j, job in enumerate(jobs):
-        for text, n in zip(job.texts, job.tokens, strict=True):
+        for text, n, h in zip(job.texts, job.tokens, job.held, strict=True):
             if text not in first:
                 first[text] = len(unique)
                 unique.append(text)
                 owner.append(j)
                 weight.append(n)
-    return unique, owner, weight
+                held.append(h)
+    return unique, owner, weight, held
 
 
 def split_exactly(total: int, weights: Sequence[int]) -> list[int]:
