@@ -259,3 +259,16 @@ def test_json_logs_carry_the_request_id(service: LiveService, capsys: pytest.Cap
     assert got.headers["x-request-id"] == "req-42"
     assert mine and mine[-1]["status"] == 200 and mine[-1]["route"] == "/v1/embeddings" and mine[-1]["inputs"] == 1
     assert "sk-secret-1" not in json.dumps(lines)
+
+
+async def test_a_full_queue_is_a_429_with_retry_after_not_a_wait() -> None:
+    with OpenAITestServer(latency=0.3) as slow:
+        settings = settings_for(slow.base_url, max_queue=2, model_options={"max_retries": 0})
+        with LiveService(settings) as live:
+            async with httpx.AsyncClient(base_url=live.base_url, timeout=30) as http:
+                answers = await asyncio.gather(*(http.post("/embeddings", json={"model": MODEL, "input": f"q{i}"})
+                                                 for i in range(12)))
+    codes = sorted(a.status_code for a in answers)
+    refused = [a for a in answers if a.status_code == 429]
+    assert refused and set(codes) == {200, 429}, codes
+    assert all(a.json()["error"]["code"] == "queue_full" and a.headers["retry-after"] == "1" for a in refused)
