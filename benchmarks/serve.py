@@ -89,6 +89,67 @@ class _Service:
                 self.proc.wait(5)
 
 
+class _LiteLLM:
+    """LiteLLM's proxy (``litellm --config``) on the same upstream, its in-memory cache on."""
+
+    def __init__(self, ctx: Context, upstream_url: str, executable: str) -> None:
+        self.port = _free_port()
+        self.config = ctx.scratch_dir(NAME) / "litellm.yaml"
+        self.config.write_text(
+            "model_list:\n"
+            f"  - model_name: {MODEL}\n"
+            "    litellm_params:\n"
+            f"      model: openai/{MODEL}\n"
+            f"      api_base: {upstream_url}\n"
+            f"      api_key: {API_KEY}\n"
+            "litellm_settings:\n"
+            "  cache: true\n"
+            "  cache_params:\n"
+            "    type: local\n")
+        self.executable = executable
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> _LiteLLM:
+        import httpx
+
+        # Open, as embedpipe serve runs here without keys; LiteLLM refuses that unless told.
+        env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+               "LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY": "true"}
+        self.proc = subprocess.Popen([self.executable, "--config", str(self.config), "--host", "127.0.0.1",
+                                      "--port", str(self.port), "--num_workers", "1"], env=env,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise Unavailable("litellm exited at start")
+            try:
+                if httpx.get(f"{self.url}/health/liveliness", timeout=1).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                time.sleep(0.25)
+        raise Unavailable("litellm did not start within 120 s")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+def _litellm_executable() -> str | None:
+    """``$EMBEDPIPE_BENCH_LITELLM`` or ``litellm`` on PATH (it is not among the dev extras: see BENCHMARKS.md)."""
+    import shutil
+
+    return os.environ.get("EMBEDPIPE_BENCH_LITELLM") or shutil.which("litellm")
+
+
 def _workload(n: int, seed: int = 11) -> list[str]:
     rng = random.Random(seed)
     unique = [f"support ticket {i}: {rng.random():.10f}" for i in range(int(n * 0.7))]
@@ -132,8 +193,15 @@ def _overhead(ctx: Context, upstream: Any, calls: int) -> tuple[list[list[Any]],
         body = {"model": MODEL, "input": [text], "encoding_format": "base64"}
         assert http.post("/v1/embeddings", json=body).status_code == 200  # the miss that fills its cache
         pipe.embed([text])
-        times = timing.interleaved({"service": lambda: http.post("/v1/embeddings", json=body),
-                                    "direct": lambda: pipe.embed([text])}, calls)
+        # Alternating calls, as timing.interleaved does, without its gc.collect() before each call: a
+        # collection of this process's heap costs more than the microseconds measured here.
+        cases = {"service": lambda: http.post("/v1/embeddings", json=body), "direct": lambda: pipe.embed([text])}
+        times: dict[str, list[float]] = {name: [] for name in cases}
+        for _ in range(calls):
+            for name, call in cases.items():
+                start = time.perf_counter()
+                call()
+                times[name].append(time.perf_counter() - start)
     p50 = {k: timing.percentile(v, 50) for k, v in times.items()}
     p99 = {k: timing.percentile(v, 99) for k, v in times.items()}
     rows = [["`EmbeddingPipeline.embed`, direct", report.seconds(p50["direct"]), report.seconds(p99["direct"])],
@@ -151,16 +219,22 @@ def run(ctx: Context) -> Result:
         import httpx  # noqa: F401
     except ImportError as exc:
         raise Unavailable(f"the serve extra is not installed ({exc})") from exc
-    requests, calls = (60, 50) if ctx.quick else (1000, 2000)
+    requests, calls = (60, 50) if ctx.quick else (1000, 1000)
     texts = _workload(requests)
     data: dict[str, Any] = {}
     rows = []
     with server_process(rpm=None, tpm=None, latency=0.005) as upstream:
         overhead_rows, data["overhead"] = _overhead(ctx, upstream, calls)
-        for label, server in (("coalescing (the defaults)", {}),
-                              ("no coalescing (`max_batch_inputs = 1`)", {"max_batch_inputs": 1})):
+        litellm = _litellm_executable()
+        cases: list[tuple[str, Any]] = [
+            ("`embedpipe serve`, coalescing (the defaults)", lambda: _Service(ctx, upstream.base_url, "c", {})),
+            ("`embedpipe serve`, no coalescing (`max_batch_inputs = 1`)",
+             lambda: _Service(ctx, upstream.base_url, "n", {"max_batch_inputs": 1}))]
+        if litellm and not ctx.quick:
+            cases.append(("LiteLLM proxy, `cache: true` (local)", lambda: _LiteLLM(ctx, upstream.base_url, litellm)))
+        for label, make in cases:
             upstream.control.reset_ledger()
-            with _Service(ctx, upstream.base_url, f"load{len(rows)}", server) as service:
+            with make() as service:
                 started = time.perf_counter()
                 latencies, statuses = asyncio.run(_load(service.url, texts))
                 elapsed = time.perf_counter() - started
@@ -174,13 +248,16 @@ def run(ctx: Context) -> Result:
                          "yes" if data[label]["billed_once"] else "no",
                          report.seconds(data[label]["p50"]), report.seconds(data[label]["p99"]),
                          f"{requests / elapsed:,.0f}", f"{bad}"])
-    with_c, without = (data[k]["upstream_requests"] for k in list(data)[1:3])
+    with_c, without = (data[label]["upstream_requests"] for label, _ in cases[:2])
     ratio = without / with_c if with_c else float("nan")
     added = data["overhead"]["added_p50"]
     notes = [f"{requests:,} single-text requests, {CLIENTS} concurrent httpx clients, 30% duplicate texts, "
              "base64 answers; the upstream test server adds 5 ms per request.",
              "Upstream requests and billed tokens are the test server's ledger; latencies are the clients'.",
-             "LiteLLM's proxy was not compared: not installed here (it was not tried; see BENCHMARKS.md)."]
+             "LiteLLM's proxy runs when `litellm` is on PATH (or `$EMBEDPIPE_BENCH_LITELLM`) and not with "
+             "`--quick`; it is not a dev dependency: `litellm[proxy]` would change packages the rest of the "
+             "project pins." if litellm is None or ctx.quick else
+             "LiteLLM: its proxy from its own virtual environment, in-memory cache on, default settings otherwise."]
     return Result(NAME, TITLE, GOAL, goal_met=added <= 1e-3 and ratio >= 10,
                   headline=f"a cache hit adds {report.seconds(added)} p50; coalescing sends {report.ratio(ratio)} "
                            "fewer upstream requests",
