@@ -195,7 +195,8 @@ def _overhead(ctx: Context, upstream: Any, calls: int) -> tuple[list[list[Any]],
         pipe.embed([text])
         # Alternating calls, as timing.interleaved does, without its gc.collect() before each call: a
         # collection of this process's heap costs more than the microseconds measured here.
-        cases = {"service": lambda: http.post("/v1/embeddings", json=body), "direct": lambda: pipe.embed([text])}
+        cases = {"service": lambda: http.post("/v1/embeddings", json=body), "direct": lambda: pipe.embed([text]),
+                 "floor": lambda: http.get("/healthz")}
         times: dict[str, list[float]] = {name: [] for name in cases}
         for _ in range(calls):
             for name, call in cases.items():
@@ -208,9 +209,11 @@ def _overhead(ctx: Context, upstream: Any, calls: int) -> tuple[list[list[Any]],
             ["`POST /v1/embeddings` via `embedpipe serve` (httpx keep-alive)", report.seconds(p50["service"]),
              report.seconds(p99["service"])],
             ["added by the service", report.seconds(p50["service"] - p50["direct"]),
-             report.seconds(p99["service"] - p99["direct"])]]
-    return rows, {"direct_p50": p50["direct"], "service_p50": p50["service"], "added_p50":
-                  p50["service"] - p50["direct"]}
+             report.seconds(p99["service"] - p99["direct"])],
+            ["`GET /healthz` on the same connection (the HTTP floor: no embedding)", report.seconds(p50["floor"]),
+             report.seconds(p99["floor"])]]
+    return rows, {"direct_p50": p50["direct"], "service_p50": p50["service"], "floor_p50": p50["floor"],
+                  "added_p50": p50["service"] - p50["direct"]}
 
 
 def run(ctx: Context) -> Result:

@@ -149,7 +149,8 @@ class Service:
             raise APIError(400, f"dimensions={dimensions}: {exc}", param="dimensions") from None
         s = self.settings
         batcher = MicroBatcher(pipe, max_wait=s.max_wait_ms / 1000, max_inputs=s.max_batch_inputs,
-                               max_tokens=s.max_batch_tokens, max_queue=s.max_queue, metrics=self.metrics)
+                               max_tokens=s.max_batch_tokens, max_queue=s.max_queue, partial_calls=s.partial_batches,
+                               metrics=self.metrics)
         self.metrics.declare(pipe.provider.spec)
         route = self._routes[(name, dims)] = _Route(pipe, batcher)
         return route

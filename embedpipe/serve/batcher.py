@@ -16,8 +16,8 @@ company. The others are batched, and each is billed its share of what the call w
 tokens of the texts it was first to ask for among those the cache did not hold. The shares add up
 to the call's bill exactly.
 
-A batch leaves at once when no call is in flight (an idle service adds no wait), after
-``max_wait`` otherwise.
+A batch leaves at once when no call is in flight (an idle service adds no wait); one that would
+join calls in flight (``partial_calls`` above 1) first collects for ``max_wait``.
 
 Hand-written rather than taken from a library: the batching libraries on PyPI (``aiobatch``,
 ``batched``…) cut by count and time only, know no token budget, and could not leave the
@@ -77,7 +77,7 @@ class MicroBatcher:
 
     def __init__(self, pipeline: EmbeddingPipeline, *, max_wait: float = 0.002, max_inputs: int = 2048,
                  max_tokens: int = 300_000, max_queue: int = 65_536, max_calls: int | None = None,
-                 partial_calls: int = 2, metrics: PrometheusMetrics | None = None) -> None:
+                 partial_calls: int = 1, metrics: PrometheusMetrics | None = None) -> None:
         self.pipeline = pipeline
         self.max_wait = max_wait
         self.max_inputs = max_inputs

@@ -44,7 +44,7 @@ PIPELINE_OPTIONS = frozenset({
     "namespace", "provider_options",
 })
 _SERVER_FIELDS = ("host", "port", "metrics_port", "max_wait_ms", "max_batch_inputs", "max_batch_tokens",
-                  "max_queue", "max_body_bytes", "max_inputs", "log_format")
+                  "partial_batches", "max_queue", "max_body_bytes", "max_inputs", "log_format")
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,8 @@ class ServeSettings:
     max_wait_ms: float = 2.0
     max_batch_inputs: int = 2048
     max_batch_tokens: int = 300_000
+    #: calls in flight while a batch that is not full may still leave (full ones use the model's concurrency)
+    partial_batches: int = 1
     #: inputs waiting in the micro-batcher before requests are refused with 429
     max_queue: int = 65_536
     max_body_bytes: int = 2 * 1024 * 1024
@@ -81,7 +83,8 @@ class ServeSettings:
     def __post_init__(self) -> None:
         if self.log_format not in ("text", "json"):
             raise ConfigurationError(f"log_format={self.log_format!r}: use 'text' or 'json'")
-        for name in ("max_batch_inputs", "max_batch_tokens", "max_queue", "max_body_bytes", "max_inputs"):
+        for name in ("max_batch_inputs", "max_batch_tokens", "partial_batches", "max_queue", "max_body_bytes",
+                     "max_inputs"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigurationError(f"[server] {name}={value!r} must be a positive integer")
