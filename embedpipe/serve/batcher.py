@@ -133,11 +133,7 @@ class MicroBatcher:
         self._open.append(job)
         self._open_inputs += len(texts)
         self._open_tokens += sum(tokens)
-        self._depth()
-        if self._full():
-            self._flush()
-        elif self._timer is None:
-            self._timer = loop.call_later(self.max_wait, self._on_timer)
+        self._flush()  # at once when due (full, or nothing in flight); else a timer or a finishing call flushes
         return await job.future
 
     async def aclose(self) -> None:
