@@ -34,6 +34,7 @@ SCENARIOS = {
     "memory": "benchmarks.memory",
     "overhead": "benchmarks.overhead",
     "compact": "benchmarks.compact",
+    "serve": "benchmarks.serve",
 }
 
 REPO = Path(__file__).resolve().parents[1]

@@ -23,6 +23,7 @@ from embedpipe import __version__
 from embedpipe._urls import redact_url
 from embedpipe.errors import BudgetExceededError, ConfigurationError, EmbedPipeError
 from embedpipe.jobs.spec import JOB_DEFAULTS
+from embedpipe.serve.cli import serve as serve_command
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -465,6 +466,8 @@ def eval_(docs: str, more_models: tuple[str, ...], models: tuple[str, ...], quer
     click.echo(f"{len(report.candidates)} candidates, {report.embedded:,} texts embedded; "
                f"wrote {out}/report.md and {out}/results.json")
 
+
+main.add_command(serve_command)  # embedpipe serve: the service lives in embedpipe/serve/cli.py
 
 if __name__ == "__main__":
     main()

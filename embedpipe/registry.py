@@ -31,8 +31,8 @@ from typing import Any
 from embedpipe._urls import URL, parse_url, redact_url
 from embedpipe.errors import ConfigurationError
 
-__all__ = ["Registry", "caches", "dead_letter_stores", "job_stores", "rate_limiters", "sinks", "sources",
-           "store_sinks"]
+__all__ = ["Registry", "caches", "dead_letter_stores", "job_stores", "key_stores", "rate_limiters", "sinks",
+           "sources", "store_sinks"]
 
 Factory = Callable[..., Any]
 
@@ -173,4 +173,13 @@ store_sinks = Registry("vector-store sink", "embedpipe.store_sinks", {
 
 job_stores = Registry("job store", "embedpipe.job_stores", {
     "sqlite": "embedpipe.jobs.state:SQLiteJobStore.from_url",
+})
+
+#: the API keys of ``embedpipe serve``
+key_stores = Registry("key store", "embedpipe.key_stores", {
+    "sqlite": "embedpipe.serve.keystore:SQLiteKeyStore.from_url",
+    "redis": "embedpipe.serve.keystore:RedisKeyStore.from_url",
+    "rediss": "embedpipe.serve.keystore:RedisKeyStore.from_url",
+    "postgresql": "embedpipe.serve.keystore:PostgresKeyStore.from_url",
+    "postgres": "embedpipe.serve.keystore:PostgresKeyStore.from_url",
 })
