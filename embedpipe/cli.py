@@ -210,8 +210,11 @@ def estimate(**kw: Any) -> None:
 @click.option("--no-estimate", is_flag=True, help="Skip reading the source once to estimate first (a budget is "
               "then enforced only during the run).")
 @click.option("--progress/--no-progress", default=None, help="Show a progress bar (default: on a terminal).")
+@click.option("--workers", help="Run on Celery workers: celery+redis://host:6379/0 or celery+amqp://host// "
+              "(start them with embedpipe worker).")
+@click.option("--store", help="With --workers: the Redis of the job's shared state (default: a Redis broker's URL).")
 @_handle_errors
-def run(no_estimate: bool, progress: bool | None, **kw: Any) -> None:
+def run(no_estimate: bool, progress: bool | None, workers: str | None, store: str | None, **kw: Any) -> None:
     """Embed SOURCE into --out. Run it again to resume after a crash or to pick up changes.
 
     SOURCE is a .jsonl, .csv or .parquet file, or a folder of .txt/.md files (id = the
@@ -224,11 +227,141 @@ def run(no_estimate: bool, progress: bool | None, **kw: Any) -> None:
     source = args.pop("source")
     bar = _Progress(sys.stderr.isatty() if progress is None else progress)
     try:
-        result = jobs.run(source, estimate_first=not no_estimate, on_estimate=_print_estimate, progress=bar,
-                          **args)
+        if workers is None:
+            if store is not None:
+                raise ConfigurationError("--store is for runs on --workers")
+            result = jobs.run(source, estimate_first=not no_estimate, on_estimate=_print_estimate, progress=bar,
+                              **args)
+        else:
+            result = _run_on_workers(source, args, workers, store, estimate_first=not no_estimate, progress=bar)
     finally:
         bar.close()
     _print_result(result, args["out"])
+    sys.exit(result.exit_code)
+
+
+def _broker_of(workers: str) -> str:
+    if not workers.startswith("celery+"):
+        raise ConfigurationError(f"--workers {redact_url(workers)!r}: give a Celery broker URL prefixed celery+, "
+                                 "e.g. celery+redis://host:6379/0 or celery+amqp://guest@host//")
+    return workers.removeprefix("celery+")
+
+
+def _run_on_workers(source: str, args: dict[str, Any], workers: str, store: str | None, *, estimate_first: bool,
+                    progress: Any) -> Any:
+    from embedpipe import distributed, jobs
+    from embedpipe.distributed.celery import make_app
+
+    args = dict(args)
+    rebuild = bool(args.pop("rebuild", False))
+    spec = jobs.JobSpec.from_options(source, args.pop("out"), **args)
+    app = make_app(_broker_of(workers), store)
+    job = distributed.submit(spec, app=app, store=store, rebuild=rebuild, estimate_first=estimate_first,
+                             on_estimate=_print_estimate, progress=progress)
+    click.echo(f"job {job.job_id} submitted to {redact_url(_broker_of(workers))}", err=True)
+    return job.wait()
+
+
+@main.command()
+@click.option("--broker", required=True, help="A Celery broker URL: redis://host:6379/0 or amqp://user@host//.")
+@click.option("--store", help="The Redis of the jobs' shared state (default: tasks name it).")
+@click.option("-c", "--concurrency", type=click.IntRange(min=1), help="Pool processes or threads (default: cores).")
+@click.option("--pool", type=click.Choice(["prefork", "threads", "solo"]), default="prefork", show_default=True)
+@click.option("-n", "--hostname", help="The worker's name (default: celery@HOST).")
+@click.option("--loglevel", default="INFO", show_default=True)
+@_handle_errors
+def worker(broker: str, store: str | None, concurrency: int | None, pool: str, hostname: str | None,
+           loglevel: str) -> None:
+    """Process chunks of distributed runs (embedpipe run --workers celery+BROKER) on this host.
+
+    API keys come from this host's environment (OPENAI_API_KEY, ...); nothing secret travels in messages.
+    """
+    from embedpipe.distributed.celery import make_app
+
+    app = make_app(broker, store)
+    argv = ["worker", "--pool", pool, "--loglevel", loglevel]
+    argv += ["--concurrency", str(concurrency)] if concurrency else []
+    argv += ["--hostname", hostname] if hostname else []
+    app.worker_main(argv)
+
+
+@main.group("jobs")
+def jobs_group() -> None:
+    """List, follow, cancel and resume distributed jobs (their shared state is in Redis: --store)."""
+
+
+def _store_option(fn: F) -> F:
+    return click.option("--store", required=True, help="The Redis of the jobs' shared state.")(fn)
+
+
+@jobs_group.command("list")
+@_store_option
+@_handle_errors
+def jobs_list(store: str) -> None:
+    """Every job the store knows, with its chunk counts."""
+    from embedpipe.distributed.ledger import jobs_in
+
+    for job_id, spec, states in jobs_in(store):
+        counts = ", ".join(f"{n} {state}" for state, n in sorted(states.items())) or "no chunks yet"
+        click.echo(f"{job_id}  {spec.get('source')} -> {spec.get('sink')}  ({counts})")
+
+
+@jobs_group.command("status")
+@click.argument("job_id")
+@_store_option
+@_handle_errors
+def jobs_status(job_id: str, store: str) -> None:
+    """Chunks per state, attempts, spend and budget of JOB_ID."""
+    from embedpipe.distributed.ledger import RedisJobLedger
+
+    ledger = RedisJobLedger(store, job_id)
+    meta = ledger.meta()
+    if "spec" not in meta:
+        raise ConfigurationError(f"the store knows no job {job_id!r}: embedpipe jobs list --store ...")
+    states: dict[str, int] = {}
+    for state in ledger.states().values():
+        states[state] = states.get(state, 0) + 1
+    click.echo(f"job {job_id}: " + (", ".join(f"{n} {s}" for s, n in sorted(states.items())) or "no chunks"))
+    click.echo(f"  in flight now: {ledger.live_leases()}; spent ${float(meta.get('spent') or 0):.6f}"
+               + (f" of ${float(meta['budget']):.6f}" if meta.get("budget") else "")
+               + ("; CANCELLED" if meta.get("cancelled") else ""))
+
+
+@jobs_group.command("cancel")
+@click.argument("job_id")
+@_store_option
+@_handle_errors
+def jobs_cancel(job_id: str, store: str) -> None:
+    """Stop JOB_ID: workers leave its remaining chunks alone; what was committed is kept."""
+    from embedpipe.distributed.ledger import RedisJobLedger
+
+    RedisJobLedger(store, job_id).cancel()
+    click.echo(f"job {job_id} cancelled; embedpipe jobs resume {job_id} carries on")
+
+
+@jobs_group.command("resume")
+@click.argument("job_id")
+@_store_option
+@click.option("--broker", required=True, help="The Celery broker to publish the remaining chunks on.")
+@click.option("--progress/--no-progress", default=None, help="Show a progress bar (default: on a terminal).")
+@_handle_errors
+def jobs_resume(job_id: str, store: str, broker: str, progress: bool | None) -> None:
+    """Submit JOB_ID again from its recorded spec: what is committed stays, the rest is published."""
+    from embedpipe import distributed
+    from embedpipe.distributed.celery import make_app
+    from embedpipe.distributed.ledger import RedisJobLedger
+    from embedpipe.jobs import JobSpec
+
+    spec_json = RedisJobLedger(store, job_id).get("spec")
+    if spec_json is None:
+        raise ConfigurationError(f"the store knows no job {job_id!r}: embedpipe jobs list --store ...")
+    bar = _Progress(sys.stderr.isatty() if progress is None else progress)
+    try:
+        result = distributed.submit(JobSpec.from_json(spec_json), app=make_app(broker, store), store=store,
+                                    on_estimate=_print_estimate, progress=bar).wait()
+    finally:
+        bar.close()
+    _print_result(result, str(JobSpec.from_json(spec_json).sink))
     sys.exit(result.exit_code)
 
 

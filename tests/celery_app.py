@@ -2,7 +2,8 @@
 
 - ``openai:`` providers whose batch holds a text starting ``KILL-THE-WORKER`` end their
   process at once (``os._exit``), as a segfault or the OOM killer would: a poison record.
-- ``$EMBEDPIPE_TEST_QUEUE`` names the queue, so a test on the shared RabbitMQ has one of its own.
+- ``$EMBEDPIPE_TEST_QUEUE`` names the queue, so a test on the shared RabbitMQ has one of its own;
+  ``$EMBEDPIPE_TEST_VISIBILITY`` shortens the Redis visibility timeout.
 """
 
 from __future__ import annotations
@@ -34,4 +35,7 @@ PROVIDERS["openai"] = _poisonable
 _overrides: dict[str, Any] = {}
 if os.environ.get("EMBEDPIPE_TEST_QUEUE"):
     _overrides["task_default_queue"] = os.environ["EMBEDPIPE_TEST_QUEUE"]
+if os.environ.get("EMBEDPIPE_TEST_VISIBILITY"):  # a chunk that outlives the Redis visibility timeout
+    _overrides["broker_transport_options"] = {"visibility_timeout": float(os.environ["EMBEDPIPE_TEST_VISIBILITY"]),
+                                              "unacked_restore_interval": 1, "unacked_restore_throttle": 1}
 app = make_app(os.environ["EMBEDPIPE_BROKER_URL"], os.environ.get("EMBEDPIPE_STORE_URL"), **_overrides)

@@ -233,3 +233,85 @@ def test_the_broker_restarted_mid_job(openai_server: OpenAITestServer, broker: P
     assert result.exit_code == 0
     assert_exactly_once(tmp_path / "out", records)
     assert set(openai_server.ledger.times_billed.values()) == {1}  # the shared cache served what was paid for
+
+
+def test_sigterm_mid_chunk_finishes_the_chunk_and_another_worker_does_the_rest(
+        openai_server: OpenAITestServer, broker: PrivateRedis, tmp_path: Path) -> None:
+    openai_server.control.configure(latency=0.3)
+    records = make_records(60)
+    spec = _spec(openai_server, tmp_path, records)
+    app = make_app(broker.url)
+    with workers(Worker(broker.url, tmp_path, "t", concurrency=1)) as (first,):
+        job = distributed.submit(spec, app=app)
+        deadline = time.monotonic() + 30
+        while openai_server.ledger.requests_total == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        first.proc.send_signal(signal.SIGTERM)  # warm shutdown: the running chunk is finished and committed
+        first.proc.wait(60)
+        with workers(Worker(broker.url, tmp_path, "u", concurrency=2)):
+            result = job.wait(120)
+    assert result.exit_code == 0
+    assert_exactly_once(tmp_path / "out", records)
+    assert set(openai_server.ledger.times_billed.values()) == {1}
+
+
+def test_a_chunk_that_outlives_the_visibility_timeout_is_not_billed_twice(
+        openai_server: OpenAITestServer, broker: PrivateRedis, tmp_path: Path) -> None:
+    # kombu restores unacknowledged messages older than the visibility timeout (1 s here, scanned every 1 s):
+    # a chunk that takes 4 s is redelivered while it runs.
+    openai_server.control.configure(latency=4.0)
+    records = make_records(20)
+    spec = _spec(openai_server, tmp_path, records)
+    app = make_app(broker.url)
+    env = {"EMBEDPIPE_TEST_VISIBILITY": "1"}
+    ws = [Worker(broker.url, tmp_path, f"v{i}", concurrency=1, app="tests.celery_app", extra_env=env)
+          for i in range(3)]
+    with workers(*ws):  # two busy with the two chunks, one idle to take a redelivered copy
+        result = distributed.submit(spec, app=app).wait(150)
+    assert result.exit_code == 0
+    logs = "".join(w.log.read_text() for w in ws)
+    assert "retry: Retry in" in logs, "a copy was redelivered while its chunk ran, and backed off"
+    assert_exactly_once(tmp_path / "out", records)
+    assert set(openai_server.ledger.times_billed.values()) == {1}  # the redelivered copies found a live lease
+
+
+def test_the_command_line_runs_on_workers_and_lists_the_job(openai_server: OpenAITestServer, broker: PrivateRedis,
+                                                            tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from embedpipe.cli import main
+
+    records = make_records(30)
+    src = write_jsonl(tmp_path / "src.jsonl", records)
+    out = tmp_path / "out"
+    exe = str(Path(sys.executable).parent / "embedpipe")
+    log = tmp_path / "cli-worker.log"
+    env = {**os.environ, "OPENAI_API_KEY": "sk-test", "PYTHONPATH": str(ROOT)}
+    with log.open("wb") as f:
+        proc = subprocess.Popen([exe, "worker", "--broker", broker.url, "-c", "1", "--pool", "solo", "-n",
+                                 f"cli@{socket.gethostname()}"], env=env, stdout=f, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while b"ready." not in log.read_bytes() and time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text()
+            time.sleep(0.1)
+        runner = CliRunner()
+        res = runner.invoke(main, ["run", str(src), "--model", MODEL, "--dimensions", str(DIMS), "--base-url",
+                                   openai_server.base_url, "--cache", f"sqlite:///{tmp_path}/cache.db",
+                                   "--chunk-size", "10", "--out", str(out), "--workers", f"celery+{broker.url}",
+                                   "--no-progress"], env={"OPENAI_API_KEY": "sk-test"})
+        assert res.exit_code == 0, res.output
+        assert "30 records; 30 written" in res.output
+        assert_exactly_once(out, records)
+        listing = runner.invoke(main, ["jobs", "list", "--store", broker.url])
+        job_id = jobs.JobSpec.from_options(src, out, model=MODEL, dimensions=DIMS, base_url=openai_server.base_url,
+                                           cache=f"sqlite:///{tmp_path}/cache.db", chunk_size=10).job_id
+        assert listing.exit_code == 0 and job_id in listing.output and "3 done" in listing.output
+        status = runner.invoke(main, ["jobs", "status", job_id, "--store", broker.url])
+        assert status.exit_code == 0 and "3 done" in status.output
+        bad = runner.invoke(main, ["run", str(src), "--model", MODEL, "--out", str(out), "--workers", broker.url])
+        assert bad.exit_code == 2 and "prefixed celery+" in bad.output
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)

@@ -113,6 +113,28 @@ return 1
 """
 
 
+def jobs_in(url: str) -> list[tuple[str, dict[str, Any], dict[str, int]]]:
+    """``(job_id, spec as a dict, chunks per state)`` of every job the Redis at ``url`` holds."""
+    import redis
+
+    client = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
+    try:
+        try:
+            specs = client.hgetall(JOBS_KEY)
+        except (redis.RedisError, OSError) as exc:
+            raise LedgerUnavailableError(f"the job ledger at {redact_url(url)} is unreachable ({exc})") from exc
+        out = []
+        for raw_id, raw_spec in sorted(specs.items()):
+            job_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
+            states: dict[str, int] = {}
+            for state in RedisJobLedger(url, job_id, client=client).states().values():
+                states[state] = states.get(state, 0) + 1
+            out.append((job_id, json.loads(raw_spec), states))
+        return out
+    finally:
+        client.close()
+
+
 def entry_of(data: dict[str, Any]) -> Entry:
     """An :class:`Entry` from a result's JSON row (the hashes as sent, the text and metadata where given)."""
     record = Record(str(data["id"]), str(data.get("text", "")), json.loads(data.get("metadata", "{}")))
@@ -325,4 +347,4 @@ class RedisJobLedger:
                                args=[chunk_id, json.dumps(result), repr(spend), status, dims]))
 
 
-__all__ = ["JOBS_KEY", "LedgerUnavailableError", "RedisJobLedger", "entry_of"]
+__all__ = ["JOBS_KEY", "LedgerUnavailableError", "RedisJobLedger", "entry_of", "jobs_in"]
