@@ -35,6 +35,7 @@ SCENARIOS = {
     "overhead": "benchmarks.overhead",
     "compact": "benchmarks.compact",
     "serve": "benchmarks.serve",
+    "distributed": "benchmarks.distributed",
 }
 
 REPO = Path(__file__).resolve().parents[1]
