@@ -31,6 +31,7 @@ import numpy as np
 from embedpipe import _runner, codec
 from embedpipe.cache import CacheBackend
 from embedpipe.cost import Estimate, cost_of
+from embedpipe.engine.items import acontent_keys, content_keys
 from embedpipe.engine.budget import Budget
 from embedpipe.engine.isolate import Isolation, isolate
 from embedpipe.engine.planning import (
@@ -95,6 +96,11 @@ CLAIM_TTL_SECONDS = 60.0
 CLAIM_POLL_SECONDS = 0.05
 
 Result = tuple[np.ndarray, dict[int, Failure], bool, Stats]
+
+
+def _listed(inputs: Sequence[Any]) -> Sequence[Any]:
+    """``inputs`` as a list (a generator is read once), left alone when it is a str or bytes (an error later)."""
+    return inputs if isinstance(inputs, (str, bytes, list)) else list(inputs)
 
 
 def retry_reason(exc: BaseException | None) -> str:
@@ -223,7 +229,8 @@ class Engine:
             self.emit(CallDone(self.spec, call.id, call.stats.snapshot()))
 
     # ------------------------------------------------------------------ the steps of a call
-    def begin(self, inputs: Sequence[Any], role: Role, errors: Errors | None, stats: Stats | None = None) -> Call:
+    def begin(self, inputs: Sequence[Any], role: Role, errors: Errors | None, stats: Stats | None = None,
+              content_keys: dict[int, bytes | str] | None = None) -> Call:
         errors = errors or self.errors
         if errors not in ("raise", "collect"):
             from embedpipe.errors import ConfigurationError
@@ -234,7 +241,7 @@ class Engine:
             if self.price is None:
                 stats.cost_usd = stats.saved_usd = None
         call = prepare(inputs, role, errors, call_id=next_call_id(), stats=stats,
-                       modalities=self.info.modalities, spec=self.spec)
+                       modalities=self.info.modalities, spec=self.spec, content_keys=content_keys)
         if self.cache is not None and (role == "document" or self.cache_queries) and call.unique:
             cache = self.cache
             call.keys = self._derive_keys(call, lambda material, texts: cache.keys_for(material, texts, role))
@@ -258,7 +265,7 @@ class Engine:
     def cut(self, call: Call, misses: list[int]) -> list[Piece]:
         """Count tokens and apply ``on_long_input`` to ``misses``."""
         limit = self.token_limit()
-        cut = cut_pieces(call, misses, self.provider.tokenizer, limit, self.on_long_input)
+        cut = cut_pieces(call, misses, self.provider.tokenizer, limit, self.on_long_input, self.provider.item_tokens)
         if cut.split or cut.truncated:
             call.stats.add(split=cut.split, truncated=cut.truncated)
         if cut.truncated and not self._truncation_warned:
@@ -306,7 +313,8 @@ class Engine:
 
     # ------------------------------------------------------------------ drivers
     def run_sync(self, inputs: Sequence[Any], role: Role, errors: Errors | None = None) -> Result:
-        call = self.begin(inputs, role, errors)
+        inputs = _listed(inputs)
+        call = self.begin(inputs, role, errors, content_keys=content_keys(inputs))
         try:
             values: Sequence[bytes | None] = [None] * len(call.unique)
             epoch, t0 = self._epoch, time.perf_counter()
@@ -323,7 +331,8 @@ class Engine:
         return out, failures, call.budget_exceeded, call.stats
 
     async def run_async(self, inputs: Sequence[Any], role: Role, errors: Errors | None = None) -> Result:
-        call = self.begin(inputs, role, errors)
+        inputs = _listed(inputs)
+        call = self.begin(inputs, role, errors, content_keys=await acontent_keys(inputs))
         try:
             values: Sequence[bytes | None] = [None] * len(call.unique)
             epoch, t0 = self._epoch, time.perf_counter()
@@ -341,14 +350,15 @@ class Engine:
 
     def estimate(self, inputs: Sequence[Any], rpm: int | None, tpm: int | None) -> Estimate:
         """What embedding ``inputs`` would cost; shares no mutable state with running calls."""
-        call = self.begin(inputs, "document", "collect", stats=Stats())
+        inputs = _listed(inputs)
+        call = self.begin(inputs, "document", "collect", stats=Stats(), content_keys=content_keys(inputs))
         values: Sequence[bytes | None] | None = None
         if self.cache is not None and call.keys:
             with self.cache_guard(call, "read"):
                 values = self.cache.get_many(call.keys)
         misses = self._lookup_only(call, values)
         limit = self.token_limit()
-        cut = cut_pieces(call, misses, self.provider.tokenizer, limit, self.on_long_input)
+        cut = cut_pieces(call, misses, self.provider.tokenizer, limit, self.on_long_input, self.provider.item_tokens)
         batches = plan_batches(cut.pieces, self.batch_size, self.request_cap())
         tokens = sum(p.tokens for p in cut.pieces)
         eta = None
