@@ -31,9 +31,9 @@ import numpy as np
 from embedpipe import _runner, codec
 from embedpipe.cache import CacheBackend
 from embedpipe.cost import Estimate, cost_of
-from embedpipe.engine.items import acontent_keys, content_keys
 from embedpipe.engine.budget import Budget
 from embedpipe.engine.isolate import Isolation, isolate
+from embedpipe.engine.items import acontent_keys, content_keys
 from embedpipe.engine.planning import (
     Call,
     Errors,

@@ -78,8 +78,8 @@ def _bedrock(name: str, **opts: Any) -> Provider:
 
 #: spec prefix -> factory(name, **options); each imports its SDK only when used
 PROVIDERS: dict[str, Callable[..., Provider]] = {
-    "fake": _fake, "local": _local, "local-clip": _local_clip, "openai": _openai, "cohere": _cohere, "voyage": _voyage, "azure": _azure,
-    "gemini": _gemini, "bedrock": _bedrock,
+    "fake": _fake, "local": _local, "local-clip": _local_clip, "openai": _openai, "cohere": _cohere,
+    "voyage": _voyage, "azure": _azure, "gemini": _gemini, "bedrock": _bedrock,
 }
 
 

@@ -9,6 +9,7 @@ images by cosine.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import threading
@@ -41,13 +42,16 @@ def clip_folder(path: str) -> str:
     raise ModelNotFoundError(f"{path} holds no CLIP model (no config.json, nor a sentence-transformers CLIPModel)")
 
 
-def _image_processor(folder: str) -> Any:
-    """The Pillow CLIP image processor (transformers 5), else the one transformers 4 has (also Pillow-based)."""
-    try:
-        from transformers import CLIPImageProcessorPil as Processor  # transformers >= 5: no torchvision needed
-    except ImportError:
-        from transformers import CLIPImageProcessor as Processor
-    return Processor.from_pretrained(folder, local_files_only=True)
+def _transformers() -> Any:
+    # Typed as Any: transformers' stubs type model configs loosely and its decorators oddly.
+    return importlib.import_module("transformers")
+
+
+def image_processor_class() -> Any:
+    """The Pillow CLIP image processor (transformers 5: the default one needs torchvision, which falls back to
+    this with a warning), else the one transformers 4 has, which is Pillow-based."""
+    transformers = _transformers()
+    return getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
 
 
 class LocalCLIPProvider(Provider):
@@ -84,7 +88,8 @@ class LocalCLIPProvider(Provider):
                 return
             try:
                 import torch
-                from transformers import AutoTokenizer, CLIPModel
+
+                transformers = _transformers()
             except ImportError:
                 raise ConfigurationError("local-clip needs torch and transformers: install torch first (see README), "
                                          "then pip install 'embedpipe[multimodal]'") from None
@@ -95,9 +100,9 @@ class LocalCLIPProvider(Provider):
             if precision in ("fp16", "bf16") and not device.startswith("cuda"):
                 raise ConfigurationError(f"precision={precision!r} needs a CUDA device (this one is {device!r})")
             try:
-                model = CLIPModel.from_pretrained(self.path, local_files_only=True)
-                tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
-                processor = _image_processor(self.path)
+                model = transformers.CLIPModel.from_pretrained(self.path, local_files_only=True)
+                tokenizer = transformers.AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+                processor = image_processor_class().from_pretrained(self.path, local_files_only=True)
             except OSError as exc:
                 raise ModelNotFoundError(f"local-clip:{self.model}: cannot load a CLIP model from {self.path} "
                                          f"({exc})") from None
@@ -250,28 +255,24 @@ def save_random_clip(folder: str | os.PathLike[str], *, size: str = "tiny", seed
     for texts and images), but rank nothing meaningfully. ``size``: a key of :data:`RANDOM_CLIP_SIZES`.
     """
     import torch
-    from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer
 
-    try:
-        from transformers import CLIPImageProcessorPil as ImageProcessor
-    except ImportError:
-        from transformers import CLIPImageProcessor as ImageProcessor
+    transformers = _transformers()
     shapes = RANDOM_CLIP_SIZES.get(size)
     if shapes is None:
         raise ConfigurationError(f"size={size!r}: use one of {sorted(RANDOM_CLIP_SIZES)}")
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     vocab_file, merges_file = _char_vocabulary(out)
-    tokenizer = CLIPTokenizer(str(vocab_file), str(merges_file))
-    config = CLIPConfig(text_config=dict(shapes["text"], vocab_size=len(tokenizer), max_position_embeddings=77,
-                                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                         pad_token_id=tokenizer.pad_token_id),
-                        vision_config=shapes["vision"], **shapes["projection"])
+    tokenizer = transformers.CLIPTokenizer(str(vocab_file), str(merges_file))
+    text = dict(shapes["text"], vocab_size=len(tokenizer), max_position_embeddings=77,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id)
+    config = transformers.CLIPConfig(text_config=text, vision_config=shapes["vision"], **shapes["projection"])
     torch.manual_seed(seed)
-    CLIPModel(config).eval().save_pretrained(out)
+    transformers.CLIPModel(config).eval().save_pretrained(out)
     side = int(shapes["vision"]["image_size"])
-    image_processor = ImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
-    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
+    image_processor = image_processor_class()(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+    transformers.CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
     return out
 
 
