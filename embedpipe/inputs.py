@@ -226,6 +226,28 @@ class Image:
         return meta
 
 
+def as_image(value: Any) -> Image:
+    """``value`` as an :class:`Image`: an Image, a file path, encoded bytes, a binary file object
+    (``BytesIO``: LlamaIndex's ``ImageType``) or a ``PIL.Image.Image``. Framework adapters use this."""
+    if isinstance(value, Image):
+        return value
+    if isinstance(value, (str, os.PathLike)):
+        return Image.from_path(value)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return Image.from_bytes(bytes(value))
+    getvalue = getattr(value, "getvalue", None)
+    if callable(getvalue):
+        return Image.from_bytes(getvalue(), name=getattr(value, "name", None))
+    read = getattr(value, "read", None)
+    if callable(read):
+        return Image.from_bytes(read(), name=getattr(value, "name", None))
+    pil = _pil()
+    if isinstance(value, pil.Image.Image):
+        return Image.from_pil(value)
+    raise InvalidInputError(f"cannot read {type(value).__name__} as an image: pass a path, bytes, a binary file "
+                            "or a PIL image")
+
+
 class Audio:
     """A recording to transcribe and embed: :meth:`from_path` or :meth:`from_bytes` (``format=`` its container).
 
@@ -308,4 +330,4 @@ class Audio:
 
 
 __all__ = ["AUDIO", "AUDIO_SUFFIXES", "IMAGE", "IMAGE_SUFFIXES", "TEXT", "Audio", "Image", "Input", "Item",
-           "kind_of"]
+           "as_image", "kind_of"]

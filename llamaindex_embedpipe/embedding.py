@@ -221,18 +221,18 @@ class EmbedPipeEmbedding(BaseEmbedding):
         """Async twin of :meth:`get_text_embedding_batch`."""
         return cast(list[Embedding], list(await self._aembed(texts)))
 
-    def _embed(self, texts: list[str], errors: Literal["raise", "collect"] = "raise") -> EmbeddingResult:
+    def _embed(self, texts: list[Any], errors: Literal["raise", "collect"] = "raise") -> EmbeddingResult:
         with self._events(texts) as call:
             call.result = self._pipeline.embed(texts, errors=errors)
         return call.result
 
-    async def _aembed(self, texts: list[str], errors: Literal["raise", "collect"] = "raise") -> EmbeddingResult:
+    async def _aembed(self, texts: list[Any], errors: Literal["raise", "collect"] = "raise") -> EmbeddingResult:
         with self._events(texts) as call:
             call.result = await self._pipeline.aembed(texts, errors=errors)
         return call.result
 
     @contextmanager
-    def _events(self, texts: list[str]) -> Iterator[_Outcome]:
+    def _events(self, texts: list[Any]) -> Iterator[_Outcome]:
         """LlamaIndex's embedding events around one call, as BaseEmbedding sends them (failed texts left out)."""
         model_dict = self.to_payload()
         dispatcher.event(EmbeddingStartEvent(model_dict=model_dict))
@@ -241,7 +241,8 @@ class EmbedPipeEmbedding(BaseEmbedding):
                                          payload={EventPayload.SERIALIZED: model_dict}) as event:
             yield call
             done = [i for i, v in enumerate(call.result) if v is not None]
-            chunks = [texts[i] for i in done]
+            # An image is reported by its name (its path): LlamaIndex's events carry strings.
+            chunks = [t if isinstance(t, str) else str(getattr(t, "name", t)) for t in (texts[i] for i in done)]
             embeddings = [call.result[i] for i in done]
             event.on_end(payload={EventPayload.CHUNKS: chunks, EventPayload.EMBEDDINGS: embeddings})
         dispatcher.event(EmbeddingEndEvent(chunks=chunks, embeddings=embeddings))
