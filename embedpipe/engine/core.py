@@ -31,6 +31,7 @@ import numpy as np
 from embedpipe import _runner, codec
 from embedpipe.cache import CacheBackend
 from embedpipe.cost import Estimate, cost_of
+from embedpipe.engine.audio import AudioStage, Expanded, is_audio
 from embedpipe.engine.budget import Budget
 from embedpipe.engine.isolate import Isolation, isolate
 from embedpipe.engine.items import acontent_keys, content_keys
@@ -81,6 +82,7 @@ from embedpipe.limits import MemoryRateLimiter, RateLimiter, RateLimiterUnavaila
 from embedpipe.providers.base import BUG_EXCEPTIONS, Provider, Role
 from embedpipe.retry import make_retrying
 from embedpipe.stats import Stats
+from embedpipe.transcribers import Transcript
 
 log = logging.getLogger("embedpipe")
 
@@ -127,7 +129,8 @@ class Engine:
                  hooks: Hooks, dimensions: int | None, namespace: str | None, batch_size: int,
                  max_batch_tokens: int | None, max_concurrency: int, max_retries: int, retry_wait: Any,
                  sleep: Callable[[float], Any] | None, on_long_input: OnLongInput, errors: Errors,
-                 cache_queries: bool, price_per_1m: float | None, max_rate_limit_wait: float | None = 300.0) -> None:
+                 cache_queries: bool, price_per_1m: float | None, max_rate_limit_wait: float | None = 300.0,
+                 audio: AudioStage | None = None) -> None:
         self.provider = provider
         self.info = provider.info
         self.spec = provider.spec
@@ -148,6 +151,8 @@ class Engine:
         self.cache_queries = cache_queries
         self.price = price_per_1m
         self.max_rate_limit_wait = max_rate_limit_wait
+        #: transcripts for Audio inputs (``audio_to_text``), or None
+        self.audio = audio
         self.total = Stats()
         if price_per_1m is None:
             self.total.cost_usd = self.total.saved_usd = None
@@ -312,9 +317,12 @@ class Engine:
             log.warning("embedpipe: cache %s failed (%s); continuing uncached", what, exc)
 
     # ------------------------------------------------------------------ drivers
-    def run_sync(self, inputs: Sequence[Any], role: Role, errors: Errors | None = None) -> Result:
+    def run_sync(self, inputs: Sequence[Any], role: Role, errors: Errors | None = None,
+                 stats: Stats | None = None) -> Result:
         inputs = _listed(inputs)
-        call = self.begin(inputs, role, errors, content_keys=content_keys(inputs))
+        if self.audio is not None and any(is_audio(t) for t in inputs):
+            return self._run_audio_sync(inputs, role, errors)
+        call = self.begin(inputs, role, errors, stats, content_keys=content_keys(inputs))
         try:
             values: Sequence[bytes | None] = [None] * len(call.unique)
             epoch, t0 = self._epoch, time.perf_counter()
@@ -330,9 +338,12 @@ class Engine:
         self.raise_or(call, failures)
         return out, failures, call.budget_exceeded, call.stats
 
-    async def run_async(self, inputs: Sequence[Any], role: Role, errors: Errors | None = None) -> Result:
+    async def run_async(self, inputs: Sequence[Any], role: Role, errors: Errors | None = None,
+                        stats: Stats | None = None) -> Result:
         inputs = _listed(inputs)
-        call = self.begin(inputs, role, errors, content_keys=await acontent_keys(inputs))
+        if self.audio is not None and any(is_audio(t) for t in inputs):
+            return await self._run_audio_async(inputs, role, errors)
+        call = self.begin(inputs, role, errors, stats, content_keys=await acontent_keys(inputs))
         try:
             values: Sequence[bytes | None] = [None] * len(call.unique)
             epoch, t0 = self._epoch, time.perf_counter()
@@ -347,6 +358,59 @@ class Engine:
             self._end(call)
         self.raise_or(call, failures)
         return out, failures, call.budget_exceeded, call.stats
+
+    # ------------------------------------------------------------------ audio: transcripts around a call
+    def _new_stats(self) -> Stats:
+        stats = Stats()
+        if self.price is None:
+            stats.cost_usd = stats.saved_usd = None
+        return stats
+
+    def _audio_begin(self, inputs: Sequence[Any], errors: Errors | None) -> tuple[Expanded, Stats]:
+        assert self.audio is not None
+        stats = self._new_stats()
+        expanded = self.audio.expand(inputs, stats)
+        spent = stats.cost_usd or 0.0
+        if spent:
+            self.budget.spend(spent)
+        if expanded.failures and (errors or self.errors) == "raise":
+            self.total.merge(stats)
+            idx = sorted(expanded.failures)
+            shown = "; ".join(f"input {i}: {expanded.failures[i].message}" for i in idx[:5])
+            raise InvalidInputError(f"{len(idx)} audio input(s) cannot be embedded at indices {idx[:20]}: {shown}; "
+                                    "nothing was embedded", idx)
+        return expanded, stats
+
+    def _audio_end(self, expanded: Expanded, result: Result, errors: Errors | None) -> Result:
+        assert self.audio is not None
+        out, failures, budget, stats = result
+        block, merged = self.audio.collapse(expanded, out, failures, self.provider.tokenizer, self.expected_dims)
+        if merged and (errors or self.errors) == "raise":
+            raise EmbeddingFailedError(merged, stats=stats.snapshot())
+        return block, merged, budget, stats
+
+    def _run_audio_sync(self, inputs: Sequence[Any], role: Role, errors: Errors | None) -> Result:
+        expanded, stats = self._audio_begin(inputs, errors)
+        return self._audio_end(expanded, self.run_sync(expanded.inputs, role, "collect", stats), errors)
+
+    async def _run_audio_async(self, inputs: Sequence[Any], role: Role, errors: Errors | None) -> Result:
+        expanded, stats = await asyncio.to_thread(self._audio_begin, inputs, errors)
+        return self._audio_end(expanded, await self.run_async(expanded.inputs, role, "collect", stats), errors)
+
+    def transcribe(self, audio: Any) -> Transcript:
+        """``audio``'s transcript through the transcript cache (counted in the running total)."""
+        if self.audio is None:
+            from embedpipe.errors import ConfigurationError
+
+            raise ConfigurationError("this pipeline has no audio_to_text model: pass audio_to_text='local-whisper:"
+                                     "tiny.en' (or 'openai:whisper-1')")
+        stats = self._new_stats()
+        try:
+            return self.audio.transcribe(audio, stats)
+        finally:
+            if stats.cost_usd:
+                self.budget.spend(stats.cost_usd)
+            self.total.merge(stats)
 
     def estimate(self, inputs: Sequence[Any], rpm: int | None, tpm: int | None) -> Estimate:
         """What embedding ``inputs`` would cost; shares no mutable state with running calls."""
