@@ -75,7 +75,7 @@ def _job_options(fn: F) -> F:
         click.option("--base-url", help="An OpenAI-compatible server's URL."),
         click.option("--id-field", default="id", show_default=True, help="The field holding each record's id."),
         click.option("--text-field", default="text", show_default=True, help="The field holding the text."),
-        click.option("--format", "format_", type=click.Choice(["jsonl", "csv", "parquet", "dir"]),
+        click.option("--format", "format_", type=click.Choice(["jsonl", "csv", "parquet", "dir", "images", "audio"]),
                      help="Source format (default: from the suffix; a folder of .txt/.md files)."),
         click.option("--max-concurrency", type=click.IntRange(min=1), help="Requests in flight at once."),
         click.option("--batch-size", type=click.IntRange(min=1), help="Inputs per request."),
@@ -206,8 +206,10 @@ def estimate(**kw: Any) -> None:
 @click.option("--no-estimate", is_flag=True, help="Skip reading the source once to estimate first (a budget is "
               "then enforced only during the run).")
 @click.option("--progress/--no-progress", default=None, help="Show a progress bar (default: on a terminal).")
+@click.option("--audio-to-text", help="Speech-to-text for --format audio: local-whisper:tiny.en (default), "
+              "local-whisper:/path, openai:whisper-1.")
 @_handle_errors
-def run(no_estimate: bool, progress: bool | None, **kw: Any) -> None:
+def run(no_estimate: bool, progress: bool | None, audio_to_text: str | None = None, **kw: Any) -> None:
     """Embed SOURCE into --out. Run it again to resume after a crash or to pick up changes.
 
     SOURCE is a .jsonl, .csv or .parquet file, or a folder of .txt/.md files (id = the
@@ -218,6 +220,11 @@ def run(no_estimate: bool, progress: bool | None, **kw: Any) -> None:
 
     args = _job_kwargs(kw)
     source = args.pop("source")
+    if args.get("format") == "audio":  # transcripts go through the run's cache
+        from embedpipe.jobs.media import AudioFolderSource
+
+        source = AudioFolderSource(source, audio_to_text=audio_to_text or "local-whisper:tiny.en",
+                                   cache=args.get("cache"))
     bar = _Progress(sys.stderr.isatty() if progress is None else progress)
     try:
         result = jobs.run(source, estimate_first=not no_estimate, on_estimate=_print_estimate, progress=bar,

@@ -1,0 +1,123 @@
+"""Media sources: a folder of images, or a folder of recordings cut into timed windows of transcript.
+
+``images:///photos/`` yields one record per image file: the id is its relative path, the
+input an :class:`~embedpipe.inputs.Image` read lazily (decoded in worker threads when its
+chunk is embedded, so memory holds one chunk's pixels, never the folder's), and the metadata
+its location and size, never its pixels. ``audio:///talks/`` transcribes each recording
+(through the transcript cache) and yields one record per window, ``PATH#START-END``, with
+``audio_path``, ``start_s`` and ``end_s`` in its metadata, so a search hit points into it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from embedpipe._urls import URL
+from embedpipe.cache import default_cache_url, resolve_cache
+from embedpipe.engine.audio import WINDOW_SECONDS, AudioStage, windows_of
+from embedpipe.errors import InvalidInputError
+from embedpipe.inputs import AUDIO_SUFFIXES, IMAGE_SUFFIXES, Audio, Image
+from embedpipe.jobs.errors import SourceError
+from embedpipe.jobs.records import Record
+from embedpipe.jobs.sources import Source
+from embedpipe.stats import Stats
+from embedpipe.transcribers import Transcriber, transcriber_from
+
+
+def _suffixes(url: URL, default: tuple[str, ...]) -> tuple[str, ...]:
+    raw = url.options.get("suffixes")
+    return tuple(s.strip().lower() for s in raw.split(",") if s.strip()) if raw else default
+
+
+class _MediaFolder(Source):
+    def __init__(self, path: str | os.PathLike[str], suffixes: tuple[str, ...]) -> None:
+        self.path = Path(path)
+        self.name = str(path)
+        self.suffixes = suffixes
+
+    def files(self) -> Iterator[Path]:
+        """The folder's media files, in a stable order (hidden files and folders left out)."""
+        if not self.path.is_dir():
+            raise SourceError(f"source {self.path} is not a folder")
+        for root, dirs, files in os.walk(self.path):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for name in sorted(files):
+                if name.lower().endswith(self.suffixes) and not name.startswith("."):
+                    yield Path(root) / name
+
+    def count(self) -> int | None:
+        return sum(1 for _ in self.files())
+
+
+class ImageFolderSource(_MediaFolder):
+    """Every image under a folder (``.jpg``, ``.png``, ``.webp``...), one record each, id = relative path."""
+
+    def __init__(self, path: str | os.PathLike[str], *, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> None:
+        super().__init__(path, suffixes)
+
+    @classmethod
+    def from_url(cls, url: URL, **_fields: str) -> ImageFolderSource:
+        """The folder ``images:///path`` names; ``?suffixes=.jpg,.png`` picks the files read."""
+        url.check_options(("suffixes",), "source")
+        return cls(url.file_path("source"), suffixes=_suffixes(url, IMAGE_SUFFIXES))
+
+    def __iter__(self) -> Iterator[Record]:
+        for file in self.files():
+            rel = file.relative_to(self.path).as_posix()
+            meta: dict[str, Any] = {"image_path": rel, "bytes": file.stat().st_size}
+            yield Record(rel, Image.from_path(file), meta)
+
+
+class AudioFolderSource(_MediaFolder):
+    """Every recording under a folder, transcribed and cut into windows: one record per window.
+
+    ``audio_to_text``: the transcriber (``"local-whisper:tiny.en"`` by default). ``cache``: where
+    transcripts are kept (a URL or backend; by default the pipeline's default cache), so a re-run
+    transcribes nothing. A recording that cannot be read is one record with no text, which the
+    job dead-letters, its reason in ``metadata["error"]``.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, audio_to_text: str | Transcriber = "local-whisper:tiny.en",
+                 cache: Any = None, window_s: float = WINDOW_SECONDS,
+                 suffixes: tuple[str, ...] = AUDIO_SUFFIXES) -> None:
+        super().__init__(path, suffixes)
+        self.audio_to_text = audio_to_text
+        self.cache = cache
+        self.window_s = window_s
+        #: what transcribing cost: recordings transcribed and seconds heard
+        self.stats = Stats()
+        self._stage: AudioStage | None = None
+
+    @classmethod
+    def from_url(cls, url: URL, **_fields: str) -> AudioFolderSource:
+        """The folder ``audio:///path`` names; ``?audio_to_text=``, ``?cache=``, ``?window_s=``, ``?suffixes=``."""
+        url.check_options(("suffixes", "audio_to_text", "cache", "window_s"), "source")
+        opts = url.options
+        return cls(url.file_path("source"), audio_to_text=opts.get("audio_to_text") or "local-whisper:tiny.en",
+                   cache=opts.get("cache"), window_s=float(opts.get("window_s") or WINDOW_SECONDS),
+                   suffixes=_suffixes(url, AUDIO_SUFFIXES))
+
+    def stage(self) -> AudioStage:
+        """The transcriber and the transcript cache, built on first use."""
+        if self._stage is None:
+            cache = resolve_cache(self.cache if self.cache is not None else default_cache_url())
+            self._stage = AudioStage(transcriber_from(self.audio_to_text), cache, window_seconds=self.window_s)
+        return self._stage
+
+    def __iter__(self) -> Iterator[Record]:
+        stage = self.stage()
+        for file in self.files():
+            rel = file.relative_to(self.path).as_posix()
+            try:
+                transcript = stage.transcribe(Audio.from_path(file), self.stats)
+            except InvalidInputError as exc:
+                yield Record(rel, "", {"audio_path": rel, "error": str(exc)})
+                continue
+            for w in windows_of(transcript, self.window_s):
+                yield Record(f"{rel}#{w.start_s:.2f}-{w.end_s:.2f}", w.text, {"audio_path": rel, **w.metadata})
+
+
+__all__ = ["AudioFolderSource", "ImageFolderSource"]
