@@ -34,6 +34,7 @@ SCENARIOS = {
     "memory": "benchmarks.memory",
     "overhead": "benchmarks.overhead",
     "compact": "benchmarks.compact",
+    "multimodal": "benchmarks.multimodal",
 }
 
 REPO = Path(__file__).resolve().parents[1]

@@ -132,6 +132,18 @@ class LocalCLIPProvider(Provider):
         self._load()
         return self._tokenizer
 
+    @property
+    def model_object(self) -> Any:
+        """The ``transformers.CLIPModel`` itself (to call it directly, as the benchmarks do)."""
+        self._load()
+        return self._model
+
+    @property
+    def image_processor(self) -> Any:
+        """The Pillow CLIP image processor the model's folder configures."""
+        self._load()
+        return self._processor
+
     def item_tokens(self, item: Any) -> int:
         """An image weighs the tokens the vision tower sees: its patches and the class token."""
         return self.patches if getattr(item, "kind", None) == IMAGE else 0
