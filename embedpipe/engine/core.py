@@ -322,7 +322,7 @@ class Engine:
         inputs = _listed(inputs)
         if self.audio is not None and any(is_audio(t) for t in inputs):
             return self._run_audio_sync(inputs, role, errors)
-        call = self.begin(inputs, role, errors, stats, content_keys=content_keys(inputs))
+        call = self.begin(inputs, role, errors, stats, content_keys=content_keys(inputs, self.info.modalities))
         try:
             values: Sequence[bytes | None] = [None] * len(call.unique)
             epoch, t0 = self._epoch, time.perf_counter()
@@ -343,7 +343,7 @@ class Engine:
         inputs = _listed(inputs)
         if self.audio is not None and any(is_audio(t) for t in inputs):
             return await self._run_audio_async(inputs, role, errors)
-        call = self.begin(inputs, role, errors, stats, content_keys=await acontent_keys(inputs))
+        call = self.begin(inputs, role, errors, stats, content_keys=await acontent_keys(inputs, self.info.modalities))
         try:
             values: Sequence[bytes | None] = [None] * len(call.unique)
             epoch, t0 = self._epoch, time.perf_counter()
@@ -415,7 +415,8 @@ class Engine:
     def estimate(self, inputs: Sequence[Any], rpm: int | None, tpm: int | None) -> Estimate:
         """What embedding ``inputs`` would cost; shares no mutable state with running calls."""
         inputs = _listed(inputs)
-        call = self.begin(inputs, "document", "collect", stats=Stats(), content_keys=content_keys(inputs))
+        call = self.begin(inputs, "document", "collect", stats=Stats(),
+                          content_keys=content_keys(inputs, self.info.modalities))
         values: Sequence[bytes | None] | None = None
         if self.cache is not None and call.keys:
             with self.cache_guard(call, "read"):

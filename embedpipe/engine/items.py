@@ -33,8 +33,10 @@ def decode_pool() -> ThreadPoolExecutor:
         return _pool
 
 
-def _items(inputs: Sequence[Any]) -> list[tuple[int, Item]]:
-    return [(i, t) for i, t in enumerate(inputs) if not isinstance(t, str) and isinstance(t, Item)]
+def _items(inputs: Sequence[Any], modalities: frozenset[str] | None) -> list[tuple[int, Item]]:
+    # Items of a kind the model cannot embed are refused by kind, unread.
+    return [(i, t) for i, t in enumerate(inputs) if not isinstance(t, str) and isinstance(t, Item)
+            and (modalities is None or getattr(t, "kind", None) in modalities)]
 
 
 def _key_group(group: list[tuple[int, Item]]) -> list[tuple[int, bytes | str]]:
@@ -45,9 +47,12 @@ def _groups(items: list[tuple[int, Item]]) -> list[list[tuple[int, Item]]]:
     return [items[k:k + _PER_TASK] for k in range(0, len(items), _PER_TASK)]
 
 
-def content_keys(inputs: Sequence[Any]) -> dict[int, bytes | str] | None:
-    """Each item's content key (or why it has none) by input index, in the decode pool; ``None`` for text only."""
-    items = _items(inputs)
+def content_keys(inputs: Sequence[Any], modalities: frozenset[str] | None = None) -> dict[int, bytes | str] | None:
+    """Each item's content key (or why it has none) by input index, in the decode pool; ``None`` for text only.
+
+    ``modalities``: only items of these kinds are keyed (the others are refused by kind anyway).
+    """
+    items = _items(inputs, modalities)
     if not items:
         return None
     if len(items) == 1:
@@ -58,9 +63,10 @@ def content_keys(inputs: Sequence[Any]) -> dict[int, bytes | str] | None:
     return out
 
 
-async def acontent_keys(inputs: Sequence[Any]) -> dict[int, bytes | str] | None:
+async def acontent_keys(inputs: Sequence[Any], modalities: frozenset[str] | None = None
+                        ) -> dict[int, bytes | str] | None:
     """Async twin of :func:`content_keys`: the loop awaits the pool, it never decodes."""
-    items = _items(inputs)
+    items = _items(inputs, modalities)
     if not items:
         return None
     loop = asyncio.get_running_loop()
