@@ -88,7 +88,7 @@ def _throughput(ctx: Context) -> tuple[dict[str, list[float]], int, int, str]:
 
     size = "tiny" if ctx.quick else "vit-b-32"
     folder = save_random_clip(ctx.scratch / f"clip-{size}", size=size)
-    n, batch = (32, 16) if ctx.quick else (192, 64)
+    n, batch = (32, 16) if ctx.quick else (128, 64)
     paths = _photos(ctx.scratch / "photos", n, (320, 240) if ctx.quick else (640, 480))
     provider = LocalCLIPProvider(str(folder))
     model, processor = provider.model_object, provider.image_processor
@@ -114,7 +114,7 @@ def _throughput(ctx: Context) -> tuple[dict[str, list[float]], int, int, str]:
         return pipe.embed_array([Image.from_path(p) for p in paths])
 
     direct(), embed()  # warm-up: first calls pay for allocator and thread-pool start-up
-    rounds = 2 if ctx.quick else 4
+    rounds = 2 if ctx.quick else 6
     times = interleaved({"direct": direct, "embed": embed}, rounds)
     return times, n, batch, f"{size} CLIP, {n} JPEGs of {'320×240' if ctx.quick else '640×480'}, batches of {batch}"
 

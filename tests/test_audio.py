@@ -139,3 +139,24 @@ def test_openai_transcription_route(openai_server: Any, speech: dict[str, Path],
         pipe.transcribe(Audio.from_bytes(b"not audio", format="mp3", name="junk.mp3"))
     pipe.close()
     transcriber.close()  # passed in, so the caller's to close
+
+
+def test_windows_keep_segment_times_and_specs_are_checked(tmp_path: Path) -> None:
+    from embedpipe.engine.audio import windows_of
+    from embedpipe.errors import ConfigurationError, ModelNotFoundError
+    from embedpipe.transcribers import Segment, Transcript, transcriber_from
+
+    heard = Transcript((Segment(0.0, 4.0, "one"), Segment(4.0, 9.0, "two"), Segment(9.5, 40.0, "three"),
+                        Segment(41.0, 42.0, "four")), 42.0)
+    assert [(w.start_s, w.end_s, w.text) for w in windows_of(heard, 10.0)] == [
+        (0.0, 9.0, "one two"), (9.5, 40.0, "three"), (41.0, 42.0, "four")]
+    assert Transcript.from_bytes(heard.to_bytes()) == heard
+    with pytest.raises(ConfigurationError, match="local-whisper"):
+        transcriber_from("whisper-1")
+    with pytest.raises(ModelNotFoundError, match="never downloads"):
+        transcriber_from("local-whisper:large-v3")
+    with pytest.raises(ConfigurationError, match="format"):
+        Audio.from_bytes(b"RIFF", format="")
+    a, b = Audio.from_bytes(b"same bytes", format="wav"), tmp_path / "same.wav"
+    b.write_bytes(b"same bytes")
+    assert a.content_key() == Audio.from_path(b).content_key()
