@@ -129,3 +129,14 @@ def test_a_text_model_refuses_images(tmp_path: Path) -> None:
     pipe = EmbeddingPipeline("fake:8", cache=None)
     with pytest.raises(InvalidInputError, match="image"):
         pipe.embed([Image.from_path(_photo(tmp_path / "a.png", 0))])
+
+
+def test_an_image_gone_between_its_key_and_its_batch_fails_alone(clip_provider: Any, tmp_path: Path) -> None:
+    images = [Image.from_path(_photo(tmp_path / f"{i}.png", i)) for i in range(4)]
+    for im in images:
+        im.content_key()  # keyed (as a job's source does as it reads), then the file goes
+    (tmp_path / "2.png").unlink()
+    pipe = EmbeddingPipeline(clip_provider, cache=None)
+    result = pipe.embed(images, errors="collect")
+    assert sorted(result.failures) == [2] and "2.png" in result.failures[2].message
+    assert all(result[i] is not None for i in (0, 1, 3))

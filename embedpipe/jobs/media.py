@@ -18,6 +18,7 @@ from typing import Any
 from embedpipe._urls import URL
 from embedpipe.cache import default_cache_url, resolve_cache
 from embedpipe.engine.audio import WINDOW_SECONDS, AudioStage, windows_of
+from embedpipe.engine.items import content_keys
 from embedpipe.errors import InvalidInputError
 from embedpipe.inputs import AUDIO_SUFFIXES, IMAGE_SUFFIXES, Audio, Image
 from embedpipe.jobs.errors import SourceError
@@ -25,6 +26,21 @@ from embedpipe.jobs.records import Record
 from embedpipe.jobs.sources import Source
 from embedpipe.stats import Stats
 from embedpipe.transcribers import Transcriber, transcriber_from
+
+#: images keyed together while a folder is read
+_KEY_GROUP = 64
+
+
+def chunked_files(files: Iterator[Path], size: int) -> Iterator[list[Path]]:
+    """Lists of at most ``size`` files, in order."""
+    group: list[Path] = []
+    for file in files:
+        group.append(file)
+        if len(group) >= size:
+            yield group
+            group = []
+    if group:
+        yield group
 
 
 def _suffixes(url: URL, default: tuple[str, ...]) -> tuple[str, ...]:
@@ -65,10 +81,15 @@ class ImageFolderSource(_MediaFolder):
         return cls(url.file_path("source"), suffixes=_suffixes(url, IMAGE_SUFFIXES))
 
     def __iter__(self) -> Iterator[Record]:
-        for file in self.files():
-            rel = file.relative_to(self.path).as_posix()
-            meta: dict[str, Any] = {"image_path": rel, "bytes": file.stat().st_size}
-            yield Record(rel, Image.from_path(file), meta)
+        # The job hashes each record's content as it reads it: key a group of images at once in the
+        # decode pool (the keys are kept, the pixels are not), so the folder is not decoded one by one.
+        for group in chunked_files(self.files(), _KEY_GROUP):
+            images = [Image.from_path(file) for file in group]
+            content_keys(images)
+            for file, image in zip(group, images, strict=True):
+                rel = file.relative_to(self.path).as_posix()
+                meta: dict[str, Any] = {"image_path": rel, "bytes": file.stat().st_size}
+                yield Record(rel, image, meta)
 
 
 class AudioFolderSource(_MediaFolder):

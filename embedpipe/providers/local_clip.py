@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from embedpipe.errors import ConfigurationError, InvalidInputError, ModelNotFoundError
+from embedpipe.errors import ConfigurationError, InvalidInputError, ModelNotFoundError, ProviderError
 from embedpipe.inputs import IMAGE, TEXT, Image
 from embedpipe.providers.base import BatchResult, Provider, ProviderInfo, Role
 from embedpipe.providers.local import HFTokenizer, resolve_model_path
@@ -153,11 +153,16 @@ class LocalCLIPProvider(Provider):
 
     # ------------------------------------------------------------------ the batch method
     def _decode(self, images: list[Image]) -> list[Any]:
-        if len(images) == 1:
-            return [images[0].load(self.min_side)]
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=self.decode_threads, thread_name_prefix="embedpipe-clip")
-        return list(self._pool.map(lambda im: im.load(self.min_side), images))
+        try:
+            if len(images) == 1:
+                return [images[0].load(self.min_side)]
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=self.decode_threads, thread_name_prefix="embedpipe-clip")
+            return list(self._pool.map(lambda im: im.load(self.min_side), images))
+        except InvalidInputError as exc:
+            # Readable when keyed, unreadable now (the file changed or went): a failure of this request,
+            # which the engine narrows down to the one image by splitting the batch.
+            raise ProviderError(str(exc), retryable=False) from None
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:
         """Normalised text vectors (blocking)."""
