@@ -87,3 +87,21 @@ def test_an_audio_folder_becomes_one_record_per_timed_window(local_provider: Any
     assert jobs.run(rerun, model=f"local:{local_provider.path}", out=out, cache=cache).written == 0
     assert rerun.stats.transcribed == 0
     assert result.exit_code == 3  # finished, with dead letters
+
+
+def test_jsonl_rows_with_image_paths(tiny_clip_path: str, tmp_path: Path) -> None:
+    _photo(tmp_path / "pics" / "cat.png", 5)
+    _photo(tmp_path / "pics" / "dog.png", 6)
+    rows = [{"id": "c", "image_path": "pics/cat.png", "caption": "a cat"},
+            {"id": "d", "image_path": "pics/dog.png", "caption": "a dog"},
+            {"id": "gone", "image_path": "pics/missing.png"}]
+    src = tmp_path / "photos.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    out = tmp_path / "vectors.jsonl"
+    result = jobs.run(src, model=f"local-clip:{tiny_clip_path}", out=out, format="images", cache="memory://")
+    got = _rows(out)
+    assert sorted(got) == ["c", "d"]
+    assert got["c"]["metadata"] == {"image_path": "pics/cat.png", "caption": "a cat"}
+    assert (result.embedded, result.exit_code) == (2, 3)
+    [letter] = jobs.dead_letters(out)
+    assert letter.id == "gone" and "no such file" in letter.reason

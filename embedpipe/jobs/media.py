@@ -11,7 +11,7 @@ its location and size, never its pixels. ``audio:///talks/`` transcribes each re
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from embedpipe.errors import InvalidInputError
 from embedpipe.inputs import AUDIO_SUFFIXES, IMAGE_SUFFIXES, Audio, Image
 from embedpipe.jobs.errors import SourceError
 from embedpipe.jobs.records import Record
-from embedpipe.jobs.sources import Source
+from embedpipe.jobs.sources import JSONLSource, Source
 from embedpipe.stats import Stats
 from embedpipe.transcribers import Transcriber, transcriber_from
 
@@ -75,10 +75,15 @@ class ImageFolderSource(_MediaFolder):
         super().__init__(path, suffixes)
 
     @classmethod
-    def from_url(cls, url: URL, **_fields: str) -> ImageFolderSource:
-        """The folder ``images:///path`` names; ``?suffixes=.jpg,.png`` picks the files read."""
-        url.check_options(("suffixes",), "source")
-        return cls(url.file_path("source"), suffixes=_suffixes(url, IMAGE_SUFFIXES))
+    def from_url(cls, url: URL, *, id_field: str = "id", **_fields: str) -> Source:
+        """The folder ``images:///path`` names (``?suffixes=.jpg,.png`` picks the files read), or, when the
+        path is a ``.jsonl`` file, its rows' ``image_path`` fields (:class:`ImageJSONLSource`)."""
+        url.check_options(("suffixes", "id_field", "image_field"), "source")
+        path = url.file_path("source")
+        if Path(path).is_file():
+            return ImageJSONLSource(path, id_field=url.options.get("id_field") or id_field,
+                                    image_field=url.options.get("image_field") or "image_path")
+        return cls(path, suffixes=_suffixes(url, IMAGE_SUFFIXES))
 
     def __iter__(self) -> Iterator[Record]:
         # The job hashes each record's content as it reads it: key a group of images at once in the
@@ -90,6 +95,37 @@ class ImageFolderSource(_MediaFolder):
                 rel = file.relative_to(self.path).as_posix()
                 meta: dict[str, Any] = {"image_path": rel, "bytes": file.stat().st_size}
                 yield Record(rel, image, meta)
+
+
+class ImageJSONLSource(JSONLSource):
+    """JSONL rows naming an image in ``image_field`` (``image_path``; relative paths from the file's folder).
+
+    Each row is one record: its id from ``id_field``, its input the image, every other field metadata
+    (the path stays in it, the pixels never do). A row without the field is a record with no input,
+    which the job dead-letters.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, id_field: str = "id", image_field: str = "image_path") -> None:
+        super().__init__(path, id_field=id_field, text_field=image_field)
+
+    def record(self, row: Mapping[str, Any], where: str) -> Record:
+        rec = super().record(row, where)
+        name = row.get(self.text_field)
+        if isinstance(name, str) and name:
+            rec.text = Image.from_path(self.path.parent / name)
+            rec.metadata[self.text_field] = name
+        return rec
+
+    def __iter__(self) -> Iterator[Record]:
+        pending: list[Record] = []
+        for rec in super().__iter__():
+            pending.append(rec)
+            if len(pending) >= _KEY_GROUP:
+                content_keys([r.text for r in pending])  # keyed in the decode pool, a group at a time
+                yield from pending
+                pending = []
+        content_keys([r.text for r in pending])
+        yield from pending
 
 
 class AudioFolderSource(_MediaFolder):
@@ -141,4 +177,4 @@ class AudioFolderSource(_MediaFolder):
                 yield Record(f"{rel}#{w.start_s:.2f}-{w.end_s:.2f}", w.text, {"audio_path": rel, **w.metadata})
 
 
-__all__ = ["AudioFolderSource", "ImageFolderSource"]
+__all__ = ["AudioFolderSource", "ImageFolderSource", "ImageJSONLSource"]
