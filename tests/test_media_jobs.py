@@ -57,6 +57,11 @@ def test_an_image_folder_is_a_job_with_paths_in_metadata_and_dead_letters(tiny_c
     assert (third.written, third.embedded) == (1, 1)
     assert _rows(out)["trip/b.png"]["vector"] != rows["trip/b.png"]["vector"]
     assert [r.id for r in ImageFolderSource(photos)] == ["a.png", "broken.jpg", "trip/a-copy.png", "trip/b.png"]
+    # The broken file, repaired: the next run embeds it and its letter leaves the queue.
+    _photo(photos / "broken.jpg", 4)
+    fixed = jobs.run(photos, **args)
+    assert (fixed.written, fixed.exit_code) == (1, 0) and jobs.dead_letters(out) == []
+    assert "broken.jpg" in _rows(out)
 
 
 def test_an_audio_folder_becomes_one_record_per_timed_window(local_provider: Any, tmp_path: Path) -> None:

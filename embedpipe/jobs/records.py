@@ -36,8 +36,13 @@ def content_hash(text: Any) -> bytes:
 
 
 def text_of(record: Record) -> str:
-    """What a dead letter keeps of a record's input: its text, or an item's name (an image's path)."""
-    return record.text if isinstance(record.text, str) else str(getattr(record.text, "name", record.text))
+    """What a dead letter keeps of a record's input: its text; nothing for an item (an image).
+
+    Nothing, because a letter's text is what ``dlq retry`` embeds: an image's path would come back
+    embedded as a text. The reason names the file, the metadata keeps its path, and re-running the
+    job re-embeds the file once it is readable (its content hash changes).
+    """
+    return record.text if isinstance(record.text, str) else ""
 
 
 def metadata_json(metadata: Mapping[str, Any]) -> str:
