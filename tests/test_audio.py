@@ -36,6 +36,13 @@ def _speak(path: Path, text: str) -> Path:
     return path
 
 
+def _wav_seconds(path: Path) -> float:
+    import wave
+
+    with wave.open(str(path)) as w:
+        return w.getnframes() / float(w.getframerate())
+
+
 @pytest.fixture(scope="module")
 def speech(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("speech")
@@ -123,6 +130,11 @@ def test_openai_transcription_route(openai_server: Any, speech: dict[str, Path],
     pipe = EmbeddingPipeline("openai:text-embedding-3-small", base_url=openai_server.base_url, api_key="test",
                              cache=f"sqlite:///{tmp_path / 'c.db'}", audio_to_text=transcriber)
     audio = Audio.from_bytes(speech["whales"].read_bytes(), format="wav", name="whales upload")
+    # Before: the recording's length (from its header) priced per minute; its words are not known yet.
+    before = pipe.estimate([audio, Audio.from_bytes(b"junk", format="wav"), "a text"])
+    assert before.audio_seconds == pytest.approx(_wav_seconds(speech["whales"]), abs=0.05)
+    assert before.invalid == 1 and before.texts == 3
+    assert before.cost_usd == pytest.approx(before.audio_seconds / 60 * 0.006 + before.tokens * 0.02 / 1e6)
     segments = pipe.transcribe(audio)
     if response_format == "verbose_json":
         assert [s.text for s in segments] == ["Whales are large mammals", "They live in the ocean"]
@@ -133,6 +145,8 @@ def test_openai_transcription_route(openai_server: Any, speech: dict[str, Path],
     seconds = pipe.stats.audio_seconds
     assert seconds == float(int(seconds)) and seconds >= 1
     assert pipe.stats.cost_usd == pytest.approx(seconds / 60 * 0.006)
+    after = pipe.estimate([audio])  # transcript cached: its windows' tokens, nothing to transcribe
+    assert after.audio_seconds == 0.0 and after.tokens > 0
     vectors = pipe.embed([audio])
     assert len(vectors[0]) == 1536 and vectors.stats.transcribed == 0
     with pytest.raises(InvalidInputError, match="Invalid file format"):

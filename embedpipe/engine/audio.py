@@ -9,6 +9,7 @@ and each recording's vector is the token-weighted mean of its windows', as for a
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 from collections.abc import Sequence
@@ -55,6 +56,24 @@ def windows_of(transcript: Transcript, seconds: float = WINDOW_SECONDS) -> list[
     if group:
         out.append(Window(group[0].start_s, group[-1].end_s, " ".join(s.text for s in group)))
     return out
+
+
+def duration_of(audio: Audio) -> float | None:
+    """A recording's length in seconds from its container's header (PyAV, which faster-whisper decodes with),
+    or ``None`` when it cannot be read."""
+    try:
+        import av
+    except ImportError:
+        return None
+    try:
+        source: Any = str(audio.path) if audio.path is not None else io.BytesIO(audio.read())
+        with av.open(source) as container:
+            if container.duration is not None:
+                return float(container.duration) / 1_000_000  # av.time_base: microseconds
+            stream = container.streams.audio[0]
+            return float(stream.duration * stream.time_base) if stream.duration else None
+    except Exception:  # PyAV's errors share no base class besides Exception: unreadable
+        return None
 
 
 def is_audio(value: object) -> bool:
@@ -171,6 +190,34 @@ class AudioStage:
             expanded.rows.append(list(range(len(expanded.inputs), len(expanded.inputs) + len(texts))))
             expanded.inputs.extend(texts)
         return expanded
+
+    def plan(self, inputs: Sequence[Any]) -> tuple[list[Any], float, int]:
+        """For an estimate, reading nothing but the transcript cache and the files' headers: the inputs with each
+        recording whose transcript is cached replaced by its windows, the seconds of the others, and how many
+        of them cannot be read."""
+        out: list[Any] = []
+        seconds, unreadable = 0.0, 0
+        at = [i for i, t in enumerate(inputs) if is_audio(t)]
+        keys: dict[int, str] = {}
+        for i in at:
+            try:
+                keys[i] = self.key(inputs[i])
+            except InvalidInputError:
+                unreadable += 1
+        values = dict(zip(keys, self.cache.get_many(list(keys.values())), strict=True)) if self.cache and keys \
+            else {}
+        for i, value in enumerate(inputs):
+            if not is_audio(value):
+                out.append(value)
+            elif i in keys and (cached := values.get(i)) is not None:
+                out.extend(w.text for w in windows_of(Transcript.from_bytes(cached), self.window_seconds))
+            elif i in keys:
+                length = duration_of(value)
+                if length is None:
+                    unreadable += 1
+                else:
+                    seconds += length
+        return out, seconds, unreadable
 
     @staticmethod
     def collapse(expanded: Expanded, out: np.ndarray, failures: dict[int, Failure], tokenizer: Any,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
@@ -415,6 +416,13 @@ class Engine:
     def estimate(self, inputs: Sequence[Any], rpm: int | None, tpm: int | None) -> Estimate:
         """What embedding ``inputs`` would cost; shares no mutable state with running calls."""
         inputs = _listed(inputs)
+        if self.audio is not None and any(is_audio(t) for t in inputs):
+            texts, seconds, unreadable = self.audio.plan(inputs)
+            est = self.estimate(texts, rpm, tpm)
+            per_minute = self.audio.transcriber.price_per_minute
+            cost = None if per_minute is None or est.cost_usd is None else est.cost_usd + seconds / 60 * per_minute
+            return dataclasses.replace(est, texts=len(inputs), invalid=est.invalid + unreadable,
+                                       audio_seconds=seconds, cost_usd=cost)
         call = self.begin(inputs, "document", "collect", stats=Stats(),
                           content_keys=content_keys(inputs, self.info.modalities))
         values: Sequence[bytes | None] | None = None
