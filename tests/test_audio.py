@@ -16,7 +16,7 @@ import pytest
 
 from embedpipe import EmbeddingPipeline
 from embedpipe.engine.planning import combine
-from embedpipe.errors import InvalidInputError
+from embedpipe.errors import BudgetExceededError, InvalidInputError
 from embedpipe.inputs import Audio
 
 pytest.importorskip("faster_whisper")
@@ -151,6 +151,13 @@ def test_openai_transcription_route(openai_server: Any, speech: dict[str, Path],
     assert len(vectors[0]) == 1536 and vectors.stats.transcribed == 0
     with pytest.raises(InvalidInputError, match="Invalid file format"):
         pipe.transcribe(Audio.from_bytes(b"not audio", format="mp3", name="junk.mp3"))
+    # A budget too small for the transcription refuses before anything is uploaded.
+    poor = EmbeddingPipeline("openai:text-embedding-3-small", base_url=openai_server.base_url, api_key="test",
+                             cache=None, audio_to_text=transcriber, budget_usd=0.00001)
+    with pytest.raises(BudgetExceededError, match="transcribing"):
+        poor.embed([Audio.from_path(speech["whales"])])
+    assert (poor.stats.transcribed, poor.stats.audio_seconds) == (0, 0.0)
+    poor.close()
     pipe.close()
     transcriber.close()  # passed in, so the caller's to close
 

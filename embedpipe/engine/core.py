@@ -369,6 +369,11 @@ class Engine:
 
     def _audio_begin(self, inputs: Sequence[Any], errors: Errors | None) -> tuple[Expanded, Stats]:
         assert self.audio is not None
+        per_minute = self.audio.transcriber.price_per_minute
+        if self.budget.limit_usd is not None and per_minute:
+            # Refuse before transcribing what the budget cannot pay for (lengths from the files' headers).
+            _, seconds, _ = self.audio.plan(inputs)
+            self.budget.check_usd(seconds / 60 * per_minute, f"transcribing {seconds:.1f} s of audio")
         stats = self._new_stats()
         expanded = self.audio.expand(inputs, stats)
         spent = stats.cost_usd or 0.0
