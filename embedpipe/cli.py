@@ -224,7 +224,7 @@ def run(no_estimate: bool, progress: bool | None, audio_to_text: str | None = No
         from embedpipe.jobs.media import AudioFolderSource
 
         source = AudioFolderSource(source, audio_to_text=audio_to_text or "local-whisper:tiny.en",
-                                   cache=args.get("cache"))
+                                   cache=args.get("cache"), id_field=args.get("id_field", "id"))
     bar = _Progress(sys.stderr.isatty() if progress is None else progress)
     try:
         result = jobs.run(source, estimate_first=not no_estimate, on_estimate=_print_estimate, progress=bar,

@@ -93,6 +93,18 @@ def test_an_audio_folder_becomes_one_record_per_timed_window(local_provider: Any
     assert rerun.stats.transcribed == 0
     assert result.exit_code == 3  # finished, with dead letters
 
+    # The same recording named by a JSONL row: windows under the row's id, its fields kept, nothing transcribed.
+    listing = tmp_path / "talks.jsonl"
+    listing.write_text(json.dumps({"id": "standup", "audio_path": "talks/talk.wav", "team": "core"}) + "\n",
+                       encoding="utf-8")
+    from_rows = AudioFolderSource(listing, cache=cache, window_s=3.0)
+    out2 = tmp_path / "rows.jsonl"
+    jobs.run(from_rows, model=f"local:{local_provider.path}", out=out2, cache=cache)
+    rows2 = _rows(out2)
+    assert [i.split("#")[1] for i in sorted(rows2)] == [i.split("#")[1] for i in sorted(rows)]
+    assert all(i.startswith("standup#") and r["metadata"]["team"] == "core" for i, r in rows2.items())
+    assert from_rows.stats.transcribed == 0
+
 
 def test_jsonl_rows_with_image_paths(tiny_clip_path: str, tmp_path: Path) -> None:
     _photo(tmp_path / "pics" / "cat.png", 5)

@@ -129,7 +129,8 @@ class ImageJSONLSource(JSONLSource):
 
 
 class AudioFolderSource(_MediaFolder):
-    """Every recording under a folder, transcribed and cut into windows: one record per window.
+    """Every recording under a folder (or named by the ``audio_path`` of a JSONL file's rows, relative to the
+    file's folder), transcribed and cut into windows: one record per window, ``ID#START-END``.
 
     ``audio_to_text``: the transcriber (``"local-whisper:tiny.en"`` by default). ``cache``: where
     transcripts are kept (a URL or backend; by default the pipeline's default cache), so a re-run
@@ -139,8 +140,10 @@ class AudioFolderSource(_MediaFolder):
 
     def __init__(self, path: str | os.PathLike[str], *, audio_to_text: str | Transcriber = "local-whisper:tiny.en",
                  cache: Any = None, window_s: float = WINDOW_SECONDS,
-                 suffixes: tuple[str, ...] = AUDIO_SUFFIXES) -> None:
+                 suffixes: tuple[str, ...] = AUDIO_SUFFIXES, id_field: str = "id") -> None:
         super().__init__(path, suffixes)
+        #: for a JSONL file of rows with ``audio_path``: the field holding each row's id
+        self.id_field = id_field
         self.audio_to_text = audio_to_text
         self.cache = cache
         self.window_s = window_s
@@ -151,11 +154,14 @@ class AudioFolderSource(_MediaFolder):
     @classmethod
     def from_url(cls, url: URL, **_fields: str) -> AudioFolderSource:
         """The folder ``audio:///path`` names; ``?audio_to_text=``, ``?cache=``, ``?window_s=``, ``?suffixes=``."""
-        url.check_options(("suffixes", "audio_to_text", "cache", "window_s"), "source")
+        url.check_options(("suffixes", "audio_to_text", "cache", "window_s", "id_field"), "source")
         opts = url.options
         return cls(url.file_path("source"), audio_to_text=opts.get("audio_to_text") or "local-whisper:tiny.en",
                    cache=opts.get("cache"), window_s=float(opts.get("window_s") or WINDOW_SECONDS),
-                   suffixes=_suffixes(url, AUDIO_SUFFIXES))
+                   suffixes=_suffixes(url, AUDIO_SUFFIXES), id_field=opts.get("id_field") or "id")
+
+    def count(self) -> int | None:
+        return None  # windows: known only once heard
 
     def stage(self) -> AudioStage:
         """The transcriber and the transcript cache, built on first use."""
@@ -165,16 +171,28 @@ class AudioFolderSource(_MediaFolder):
         return self._stage
 
     def __iter__(self) -> Iterator[Record]:
-        stage = self.stage()
+        if self.path.is_file():  # a JSONL file of rows naming recordings
+            for row in JSONLSource(self.path, id_field=self.id_field, text_field="audio_path"):
+                name = row.text
+                yield from self.windows(row.id, self.path.parent / name if name else None, name, row.metadata)
+            return
         for file in self.files():
             rel = file.relative_to(self.path).as_posix()
-            try:
-                transcript = stage.transcribe(Audio.from_path(file), self.stats)
-            except InvalidInputError as exc:
-                yield Record(rel, "", {"audio_path": rel, "error": str(exc)})
-                continue
-            for w in windows_of(transcript, self.window_s):
-                yield Record(f"{rel}#{w.start_s:.2f}-{w.end_s:.2f}", w.text, {"audio_path": rel, **w.metadata})
+            yield from self.windows(rel, file, rel, {})
+
+    def windows(self, rid: str, file: Path | None, name: str, meta: dict[str, Any]) -> Iterator[Record]:
+        """The records of one recording: one per window (``RID#START-END``), or one without text if unreadable."""
+        meta = {**meta, "audio_path": name}
+        if file is None:
+            yield Record(rid, "", {**meta, "error": "no audio_path"})
+            return
+        try:
+            transcript = self.stage().transcribe(Audio.from_path(file), self.stats)
+        except InvalidInputError as exc:
+            yield Record(rid, "", {**meta, "error": str(exc)})
+            return
+        for w in windows_of(transcript, self.window_s):
+            yield Record(f"{rid}#{w.start_s:.2f}-{w.end_s:.2f}", w.text, {**meta, **w.metadata})
 
 
 __all__ = ["AudioFolderSource", "ImageFolderSource", "ImageJSONLSource"]
