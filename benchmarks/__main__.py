@@ -36,6 +36,7 @@ SCENARIOS = {
     "compact": "benchmarks.compact",
     "serve": "benchmarks.serve",
     "distributed": "benchmarks.distributed",
+    "multimodal": "benchmarks.multimodal",
 }
 
 REPO = Path(__file__).resolve().parents[1]

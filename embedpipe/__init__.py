@@ -20,7 +20,7 @@ from embedpipe.errors import (
     InvalidInputError,
     PipelineClosedError,
 )
-from embedpipe.inputs import Input, Item
+from embedpipe.inputs import Audio, Image, Input, Item
 from embedpipe.pipeline import EmbeddingArray, EmbeddingPipeline, EmbeddingResult
 from embedpipe.providers import Provider, ProviderInfo, provider_from_spec
 from embedpipe.stats import Stats
@@ -28,6 +28,7 @@ from embedpipe.stats import Stats
 __version__ = "0.1.0"
 
 __all__ = [
+    "Audio",
     "BudgetExceededError",
     "CacheBackend",
     "DimensionMismatchError",
@@ -38,6 +39,7 @@ __all__ = [
     "EmbeddingResult",
     "Estimate",
     "Failure",
+    "Image",
     "Input",
     "InvalidInputError",
     "Item",

@@ -77,7 +77,7 @@ def _job_options(fn: F) -> F:
         click.option("--base-url", help="An OpenAI-compatible server's URL."),
         click.option("--id-field", help=f"The field holding each record's id (default: {JOB_DEFAULTS['id_field']})."),
         click.option("--text-field", help=f"The field holding the text (default: {JOB_DEFAULTS['text_field']})."),
-        click.option("--format", "format_", type=click.Choice(["jsonl", "csv", "parquet", "dir"]),
+        click.option("--format", "format_", type=click.Choice(["jsonl", "csv", "parquet", "dir", "images", "audio"]),
                      help="Source format (default: from the suffix; a folder of .txt/.md files)."),
         click.option("--max-concurrency", type=click.IntRange(min=1), help="Requests in flight at once."),
         click.option("--batch-size", type=click.IntRange(min=1), help="Inputs per request."),
@@ -213,8 +213,11 @@ def estimate(**kw: Any) -> None:
 @click.option("--workers", help="Run on Celery workers: celery+redis://host:6379/0 or celery+amqp://host// "
               "(start them with embedpipe worker).")
 @click.option("--store", help="With --workers: the Redis of the job's shared state (default: a Redis broker's URL).")
+@click.option("--audio-to-text", help="Speech-to-text for --format audio: local-whisper:tiny.en (default), "
+              "local-whisper:/path, openai:whisper-1.")
 @_handle_errors
-def run(no_estimate: bool, progress: bool | None, workers: str | None, store: str | None, **kw: Any) -> None:
+def run(no_estimate: bool, progress: bool | None, workers: str | None, store: str | None,
+        audio_to_text: str | None = None, **kw: Any) -> None:
     """Embed SOURCE into --out. Run it again to resume after a crash or to pick up changes.
 
     SOURCE is a .jsonl, .csv or .parquet file, or a folder of .txt/.md files (id = the
@@ -225,6 +228,11 @@ def run(no_estimate: bool, progress: bool | None, workers: str | None, store: st
 
     args = _job_kwargs(kw)
     source = args.pop("source")
+    if args.get("format") == "audio":  # transcripts go through the run's cache
+        from embedpipe.jobs.media import AudioFolderSource
+
+        source = AudioFolderSource(source, audio_to_text=audio_to_text or "local-whisper:tiny.en",
+                                   cache=args.get("cache"), id_field=args.get("id_field", "id"))
     bar = _Progress(sys.stderr.isatty() if progress is None else progress)
     try:
         if workers is None:

@@ -78,6 +78,10 @@ class PipelineConfig:
     hooks: tuple[Any, ...] = ()
     retry_wait: Any = None
     sleep: Any = None
+    #: the speech-to-text model for Audio inputs: "local-whisper:tiny.en", "openai:whisper-1", a Transcriber, or None
+    audio_to_text: Any = None
+    #: the longest stretch of a recording embedded as one chunk, in seconds
+    audio_window_s: float = 30.0
 
     def __post_init__(self) -> None:
         if self.on_long_input not in ("split", "truncate", "error"):
@@ -90,6 +94,8 @@ class PipelineConfig:
                 raise ConfigurationError(f"{name}={value!r} must be a positive integer")
         if self.max_rate_limit_wait is not None and not self.max_rate_limit_wait >= 0:
             raise ConfigurationError(f"max_rate_limit_wait={self.max_rate_limit_wait!r} must be >= 0 seconds or None")
+        if not self.audio_window_s > 0:
+            raise ConfigurationError(f"audio_window_s={self.audio_window_s!r} must be > 0 seconds")
         if not isinstance(self.max_retries, int) or self.max_retries < 0:
             raise ConfigurationError(f"max_retries={self.max_retries!r} must be >= 0")
         if self.budget_usd is not None and self.budget_usd < 0:
@@ -109,7 +115,7 @@ class PipelineConfig:
     # ------------------------------------------------------------------ JSON
     def unserialisable(self) -> list[str]:
         """The fields that hold objects JSON cannot carry."""
-        bad = [name for name in ("model", "cache", "rate_limiter")
+        bad = [name for name in ("model", "cache", "rate_limiter", "audio_to_text")
                if not (getattr(self, name) is None or isinstance(getattr(self, name), str))]
         bad += [name for name in ("hooks", "retry_wait", "sleep") if getattr(self, name)]
         try:

@@ -102,6 +102,9 @@ class Estimate:
     requests: int              #: provider requests needed
     eta_seconds: float | None  #: lower bound at the configured rpm/tpm; None without limits
     invalid: int = 0           #: inputs that would fail validation
+    #: seconds of audio to transcribe (recordings without a cached transcript); their cost is in ``cost_usd``,
+    #: their transcripts' tokens are not known until heard, so not in ``tokens``
+    audio_seconds: float = 0.0
 
     @property
     def cached_share(self) -> float:

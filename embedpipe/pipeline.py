@@ -14,15 +14,17 @@ from embedpipe._signature import check_keywords
 from embedpipe.cache import CacheBackend, default_cache_url, resolve_cache
 from embedpipe.config import DEFAULT_CACHE, PipelineConfig
 from embedpipe.cost import Estimate
+from embedpipe.engine.audio import AudioStage, Window, windows_of
 from embedpipe.engine.budget import Budget
 from embedpipe.engine.core import Engine
 from embedpipe.engine.planning import Errors, OnLongInput
 from embedpipe.engine.results import EmbeddingArray, EmbeddingResult, as_array, as_lists
 from embedpipe.errors import ConfigurationError, InputTypeError, PipelineClosedError
 from embedpipe.events import Hook, Hooks
-from embedpipe.inputs import Input
+from embedpipe.inputs import Audio, Input
 from embedpipe.providers import Provider, Role, provider_from_spec
 from embedpipe.stats import Stats
+from embedpipe.transcribers import Segment, Transcriber, transcriber_from
 
 _DEFAULT: Any = object()
 
@@ -54,7 +56,7 @@ class EmbeddingPipeline:
                  errors: Errors = "raise", cache_queries: bool = True, retry_wait: Any = None,
                  sleep: Callable[[float], Awaitable[None]] | None = None, hooks: Iterable[Hook] = (),
                  credentials: str | None = None, provider_options: dict[str, Any] | None = None,
-                 precision: str | None = None) -> None:
+                 precision: str | None = None, audio_to_text: Any = None, audio_window_s: float = 30.0) -> None:
         config = PipelineConfig(
             model=model, dimensions=dimensions, cache=DEFAULT_CACHE if cache is _DEFAULT else cache,
             namespace=namespace, batch_size=batch_size, max_concurrency=max_concurrency, rpm=rpm, tpm=tpm,
@@ -63,7 +65,8 @@ class EmbeddingPipeline:
             on_long_input=on_long_input, budget_usd=budget_usd, price_per_1m_tokens=price_per_1m_tokens,
             base_url=base_url, errors=errors, cache_queries=cache_queries, credentials=credentials,
             provider_options={**(provider_options or {}), **({"precision": precision} if precision else {})},
-            hooks=tuple(hooks), retry_wait=retry_wait, sleep=sleep)
+            hooks=tuple(hooks), retry_wait=retry_wait, sleep=sleep, audio_to_text=audio_to_text,
+            audio_window_s=audio_window_s)
         self._setup(config, api_key)
 
     @classmethod
@@ -106,6 +109,14 @@ class EmbeddingPipeline:
         # Without rpm/tpm a budget-less limiter still shares 429 cooldowns between requests.
         limiter_arg = config.resolved_url("rate_limiter")
         self.rate_limiter = rate_limiter_from(limiter_arg, rpm=config.rpm, tpm=config.tpm) or MemoryRateLimiter()
+        #: the speech-to-text model Audio inputs go through (``audio_to_text``), or None
+        self.transcriber: Transcriber | None = None
+        audio = None
+        if config.audio_to_text is not None:
+            self.transcriber = transcriber_from(
+                config.audio_to_text, **({"api_key": api_key or config.secret("api_key"), "base_url": config.base_url}
+                                         if str(config.audio_to_text).startswith("openai:") else {}))
+            audio = AudioStage(self.transcriber, self.cache, window_seconds=config.audio_window_s)
         namespace = config.namespace if config.namespace is not None else (self.cache.namespace if self.cache else None)
         self._engine = Engine(
             provider=provider, cache=self.cache, limiter=self.rate_limiter, budget=Budget(config.budget_usd, price),
@@ -115,12 +126,13 @@ class EmbeddingPipeline:
             max_concurrency=config.max_concurrency or info.default_concurrency, max_retries=config.max_retries,
             retry_wait=config.retry_wait, sleep=config.sleep, on_long_input=config.on_long_input,  # type: ignore[arg-type]
             errors=config.errors, cache_queries=config.cache_queries, price_per_1m=price,  # type: ignore[arg-type]
-            max_rate_limit_wait=config.max_rate_limit_wait)
+            max_rate_limit_wait=config.max_rate_limit_wait, audio=audio)
         self._closed = False
         # Close only what this pipeline built from a spec or URL: objects passed in belong
         # to the caller, who may share them between pipelines.
         self._owned = [r for r, arg in ((provider, config.model), (self.cache, config.cache),
-                                        (self.rate_limiter, config.rate_limiter)) if r is not None and r is not arg]
+                                        (self.rate_limiter, config.rate_limiter),
+                                        (self.transcriber, config.audio_to_text)) if r is not None and r is not arg]
         self._finalizer = weakref.finalize(self, _release, False, *self._owned)
 
     # ------------------------------------------------------------------ configuration, read back
@@ -203,6 +215,16 @@ class EmbeddingPipeline:
         """Tokens, cost, cached share, requests and ETA for ``texts``, with no provider call."""
         self._open()
         return self._engine.estimate(texts, self.config.rpm, self.config.tpm)
+
+    def transcribe(self, audio: Audio) -> list[Segment]:
+        """The timed segments of ``audio`` heard by ``audio_to_text`` (through the transcript cache)."""
+        self._open()
+        return list(self._engine.transcribe(audio).segments)
+
+    def windows(self, audio: Audio) -> list[Window]:
+        """The windows ``audio`` is embedded as (one chunk each, with ``start_s``/``end_s``)."""
+        self._open()
+        return windows_of(self._engine.transcribe(audio), self.config.audio_window_s)
 
     # ------------------------------------------------------------------ lifecycle
     def _open(self) -> None:

@@ -158,6 +158,8 @@ sources = Registry("source", "embedpipe.sources", {
     "csv": "embedpipe.jobs.sources:CSVSource.from_url",
     "parquet": "embedpipe.jobs.sources:ParquetSource.from_url",
     "dir": "embedpipe.jobs.sources:DirectorySource.from_url",
+    "images": "embedpipe.jobs.media:ImageFolderSource.from_url",
+    "audio": "embedpipe.jobs.media:AudioFolderSource.from_url",
 })
 
 sinks = Registry("sink", "embedpipe.sinks", {

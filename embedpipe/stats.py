@@ -36,6 +36,8 @@ class Stats:
     split: int = 0           #: inputs embedded as several windows (on_long_input="split")
     failed: int = 0          #: inputs that could not be embedded
     embedded: int = 0        #: unique texts embedded by the provider
+    transcribed: int = 0     #: recordings transcribed (not served from the transcript cache)
+    audio_seconds: float = 0.0  #: seconds of audio transcribed (billed seconds where the service said)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, **deltas: Any) -> None:

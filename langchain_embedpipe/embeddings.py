@@ -9,6 +9,7 @@ from langchain_core.stores import ByteStore
 
 from embedpipe import EmbeddingPipeline, Provider, Stats
 from embedpipe.errors import ConfigurationError
+from embedpipe.inputs import as_image
 from embedpipe.providers.framework import FrameworkProvider
 from langchain_embedpipe.store_cache import ByteStoreCache, KeyEncoder, ValueFormat
 
@@ -120,6 +121,15 @@ class EmbedPipeEmbeddings(Embeddings):
     async def aembed_query(self, text: str) -> list[float]:
         """Async twin of :meth:`embed_query`."""
         return await self.pipeline.aembed_query(text)
+
+    def embed_image(self, uris: list[str]) -> list[list[float]]:
+        """Embed the images at ``uris`` (file paths), as ``OpenCLIPEmbeddings.embed_image`` does, through the
+        same cache and batches: for text-to-image search with a model that embeds both (``local-clip:...``)."""
+        return self.pipeline.embed([as_image(uri) for uri in uris])
+
+    async def aembed_image(self, uris: list[str]) -> list[list[float]]:
+        """Async twin of :meth:`embed_image`."""
+        return await self.pipeline.aembed([as_image(uri) for uri in uris])
 
     # ------------------------------------------------------------------ embedpipe's side
     @property

@@ -14,9 +14,10 @@ All behaviour lives in :mod:`embedpipe`; this package only translates.
 from __future__ import annotations
 
 from llamaindex_embedpipe.embedding import EmbedPipeEmbedding
+from llamaindex_embedpipe.multimodal import EmbedPipeMultiModalEmbedding
 from llamaindex_embedpipe.node_parser import StableNodeParser
 from llamaindex_embedpipe.sinks import LlamaIndexSink
 from llamaindex_embedpipe.transform import EMBEDDING_MODEL_KEY, EmbedPipeTransform, TransformCounts
 
-__all__ = ["EMBEDDING_MODEL_KEY", "EmbedPipeEmbedding", "EmbedPipeTransform", "LlamaIndexSink", "StableNodeParser",
-           "TransformCounts"]
+__all__ = ["EMBEDDING_MODEL_KEY", "EmbedPipeEmbedding", "EmbedPipeMultiModalEmbedding", "EmbedPipeTransform",
+           "LlamaIndexSink", "StableNodeParser", "TransformCounts"]

@@ -226,21 +226,21 @@ class EmbedPipeEmbedding(BaseEmbedding):
         """Async twin of :meth:`get_text_embedding_batch`."""
         return cast(list[Embedding], list(await self.aembed_result(texts)))
 
-    def embed_result(self, texts: list[str], errors: Literal["raise", "collect"] = "raise") -> EmbeddingResult:
+    def embed_result(self, texts: list[Any], errors: Literal["raise", "collect"] = "raise") -> EmbeddingResult:
         """Embed ``texts`` and return the pipeline's whole result (vectors, failures, stats), with LlamaIndex's
         embedding events around the call."""
         with self._events(texts) as call:
             call.result = self._pipeline.embed(texts, errors=errors)
         return call.result
 
-    async def aembed_result(self, texts: list[str], errors: Literal["raise", "collect"] = "raise") -> EmbeddingResult:
+    async def aembed_result(self, texts: list[Any], errors: Literal["raise", "collect"] = "raise") -> EmbeddingResult:
         """Async twin of :meth:`embed_result`."""
         with self._events(texts) as call:
             call.result = await self._pipeline.aembed(texts, errors=errors)
         return call.result
 
     @contextmanager
-    def _events(self, texts: list[str]) -> Iterator[_Outcome]:
+    def _events(self, texts: list[Any]) -> Iterator[_Outcome]:
         """LlamaIndex's embedding events around one call, as BaseEmbedding sends them (failed texts left out)."""
         model_dict = self.to_payload()
         dispatcher.event(EmbeddingStartEvent(model_dict=model_dict))
@@ -249,7 +249,8 @@ class EmbedPipeEmbedding(BaseEmbedding):
                                          payload={EventPayload.SERIALIZED: model_dict}) as event:
             yield call
             done = [i for i, v in enumerate(call.result) if v is not None]
-            chunks = [texts[i] for i in done]
+            # An image is reported by its name (its path): LlamaIndex's events carry strings.
+            chunks = [t if isinstance(t, str) else str(getattr(t, "name", t)) for t in (texts[i] for i in done)]
             embeddings = [call.result[i] for i in done]
             event.on_end(payload={EventPayload.CHUNKS: chunks, EventPayload.EMBEDDINGS: embeddings})
         dispatcher.event(EmbeddingEndEvent(chunks=chunks, embeddings=embeddings))

@@ -10,7 +10,7 @@ from typing import Any
 
 from llama_index.core.base.embeddings.base import BaseEmbedding
 from llama_index.core.bridge.pydantic import BaseModel, Field, PrivateAttr
-from llama_index.core.schema import BaseNode, MetadataMode, TransformComponent
+from llama_index.core.schema import BaseNode, ImageNode, MetadataMode, TransformComponent
 from llama_index.core.storage.docstore.types import BaseDocumentStore
 from llama_index.core.storage.docstore.utils import doc_to_json, json_to_doc
 from llama_index.core.vector_stores.types import BasePydanticVectorStore
@@ -19,7 +19,9 @@ from embedpipe import EmbeddingResult
 from embedpipe._urls import redact
 from embedpipe.deadletters import DeadLetter, DeadLetterStore, aretry, dead_letter_store_from, retry
 from embedpipe.errors import ConfigurationError
+from embedpipe.inputs import IMAGE
 from llamaindex_embedpipe.embedding import EmbedPipeEmbedding, picklable_state
+from llamaindex_embedpipe.multimodal import node_image
 
 #: node metadata key naming the model and dimensions of the node's embedding, e.g. "openai:text-embedding-3-small@1536"
 EMBEDDING_MODEL_KEY = "embedpipe_model"
@@ -38,7 +40,7 @@ class TransformCounts:
 @dataclass
 class _Plan:
     todo: list[int]
-    texts: list[str]
+    texts: list[Any]    # str, or an embedpipe Image for an ImageNode when the model embeds images
 
 
 class EmbedPipeTransform(TransformComponent):
@@ -129,8 +131,15 @@ class EmbedPipeTransform(TransformComponent):
 
     def _plan(self, nodes: Sequence[BaseNode]) -> _Plan:
         todo = [i for i, node in enumerate(nodes) if not self._carries_ours(node)]
-        texts = [nodes[i].get_content(metadata_mode=MetadataMode.EMBED) for i in todo]
+        images = IMAGE in self.embed_model.pipeline.provider.info.modalities
+        texts = [self._input(nodes[i], images) for i in todo]
         return _Plan(todo, texts)
+
+    @staticmethod
+    def _input(node: BaseNode, images: bool) -> Any:
+        if images and isinstance(node, ImageNode):
+            return node_image(node)
+        return node.get_content(metadata_mode=MetadataMode.EMBED)
 
     def _apply(self, nodes: Sequence[BaseNode], plan: _Plan,
                result: EmbeddingResult) -> tuple[list[BaseNode], list[DeadLetter]]:
@@ -140,7 +149,8 @@ class EmbedPipeTransform(TransformComponent):
         for k, i in enumerate(plan.todo):
             vector = result[k]
             if vector is None:
-                letters.append(self._letter(nodes[i], plan.texts[k], str(result.failures.get(k, "not embedded"))))
+                text = plan.texts[k] if isinstance(plan.texts[k], str) else plan.texts[k].name
+                letters.append(self._letter(nodes[i], text, str(result.failures.get(k, "not embedded"))))
                 failed.add(i)
             else:
                 out[i] = self._embedded(nodes[i], vector)

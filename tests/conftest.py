@@ -172,3 +172,20 @@ def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
         yield server
     finally:
         server.kill()
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_path(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny CLIP with random weights, saved as ``save_pretrained`` saves a real one (no package ships CLIP)."""
+    pytest.importorskip("PIL")
+    from embedpipe.providers.local_clip import save_random_clip
+
+    return str(save_random_clip(tmp_path_factory.mktemp("tiny-clip"), size="tiny"))
+
+
+@pytest.fixture(scope="session")
+def clip_provider(tiny_clip_path: str):  # type: ignore[no-untyped-def]
+    """The tiny CLIP loaded the way ``local-clip:/path`` loads a real one."""
+    from embedpipe.providers.local_clip import LocalCLIPProvider
+
+    return LocalCLIPProvider(tiny_clip_path)

@@ -67,6 +67,7 @@ import functools
 import gzip
 import hashlib
 import importlib.util
+import io
 import json
 import math
 import os
@@ -360,6 +361,8 @@ class ServerConfig:
     """Probability per fault kind of hitting a request no scripted fault claims (sum <= 1)."""
     seed: int = 0
     """Seed of the generator behind ``fault_rates`` and fault details, for reproducible runs."""
+    transcript: str = "the embedding pipeline caches vectors"
+    """What ``/v1/audio/transcriptions`` hears in any WAV upload, its sentences spread evenly over the audio."""
 
     def __post_init__(self) -> None:
         """Validate the values and normalise aliases and JSON shapes (lists, string keys)."""
@@ -1020,6 +1023,7 @@ class _EmbeddingsApp:
             Route("/v1/embeddings", self._embeddings, methods=["POST"]),
             Route("/embeddings", self._embeddings, methods=["POST"]),
             Route("/openai/deployments/{deployment}/embeddings", self._embeddings, methods=["POST"]),
+            Route("/v1/audio/transcriptions", self._transcriptions, methods=["POST"]),
             Route("/v1/models", self._models, methods=["GET"]),
             Route("/models", self._models, methods=["GET"]),
             Route("/_ledger", self._ledger, methods=["GET"]),
@@ -1193,6 +1197,41 @@ class _EmbeddingsApp:
             code="rate_limit_exceeded",
             headers={"retry-after-ms": str(wait_ms), "retry-after": str(math.ceil(wait_ms / 1000))},
         )
+
+    async def _transcriptions(self, request: Request) -> Response:
+        """OpenAI's transcription endpoint: a multipart upload of a WAV file, answered in ``json`` or
+        ``verbose_json`` with ``usage`` by duration (seconds, rounded up, as OpenAI bills audio)."""
+        import wave
+
+        config = self.control.config
+        headers = self.control._rate_headers()
+        try:
+            async with request.form() as form:  # closes the upload's spooled file
+                upload, model = form.get("file"), form.get("model")
+                response_format = str(form.get("response_format") or "json")
+                if upload is None or isinstance(upload, str) or not model:
+                    raise _APIError(400, "a multipart 'file' and a 'model' are required", param="file")
+                if response_format not in ("json", "verbose_json"):
+                    raise _APIError(400, f"response_format {response_format!r} is not supported",
+                                    param="response_format")
+                data, filename = await upload.read(), upload.filename
+            try:
+                with wave.open(io.BytesIO(data)) as w:
+                    duration = w.getnframes() / float(w.getframerate())
+            except (wave.Error, EOFError) as exc:
+                raise _APIError(400, f"Invalid file format: could not decode {filename} ({exc})",
+                                param="file") from None
+        except _APIError as exc:
+            return _json_response(exc.status, json.dumps(exc.body).encode(), headers)
+        sentences = [t.strip() for t in config.transcript.split(".") if t.strip()]
+        step = duration / max(1, len(sentences))
+        body: dict[str, Any] = {"text": ". ".join(sentences),
+                                "usage": {"type": "duration", "seconds": math.ceil(duration)}}
+        if response_format == "verbose_json":
+            body.update(task="transcribe", language="english", duration=round(duration, 3), segments=[
+                {"id": k, "start": round(k * step, 3), "end": round((k + 1) * step, 3), "text": " " + t}
+                for k, t in enumerate(sentences)])
+        return _json_response(200, json.dumps(body).encode(), headers)
 
     async def _models(self, request: Request) -> Response:
         config = self.control.config

@@ -223,8 +223,8 @@ def make_app(broker_url: str, store_url: str | None = None, **overrides: Any) ->
         "task_ignore_result": True,
         "broker_connection_retry_on_startup": True,
         "worker_hijack_root_logger": False,
-        # kombu scans for unacknowledged messages older than the visibility timeout every interval × throttle
-        # seconds (10 × 10 by default); scanning every 5 s bounds a dead worker's cost to about 105 s.
+        # kombu scans for unacknowledged messages older than the visibility timeout every interval * throttle
+        # seconds (10 * 10 by default); scanning every 5 s bounds a dead worker's cost to about 105 s.
         "broker_transport_options": {"visibility_timeout": VISIBILITY_TIMEOUT, "unacked_restore_interval": 5,
                                      "unacked_restore_throttle": 1},
     }

@@ -52,6 +52,19 @@ class Budget:
                 f"${self.limit_usd:.6f} budget is left (spent ${spent:.6f}); nothing was sent",
                 estimate_usd=est, spent_usd=spent, budget_usd=self.limit_usd)
 
+    def check_usd(self, usd: float, what: str) -> None:
+        """Raise unless ``usd`` more (the cost of ``what``, e.g. transcribing 90 s of audio) fit the budget."""
+        if self.limit_usd is None:
+            return
+        with self._lock:
+            left = self.limit_usd - self._spent - self._reserved
+            spent = self._spent
+        if usd > left + 1e-12:
+            raise BudgetExceededError(
+                f"{what} would cost ${usd:.6f}, but only ${max(left, 0):.6f} of the ${self.limit_usd:.6f} budget "
+                f"is left (spent ${spent:.6f}); nothing was sent", estimate_usd=usd, spent_usd=spent,
+                budget_usd=self.limit_usd)
+
     def reserve(self, tokens: int) -> float:
         """Hold the estimated cost of ``tokens``; returns the amount to :meth:`release`."""
         amount = self.cost(tokens)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
@@ -29,8 +30,10 @@ import numpy as np
 from embedpipe import _runner, codec
 from embedpipe.cache import CacheBackend
 from embedpipe.cost import Estimate, cost_of
+from embedpipe.engine.audio import AudioStage, Expanded, is_audio
 from embedpipe.engine.budget import Budget
 from embedpipe.engine.isolate import Isolation, isolate
+from embedpipe.engine.items import acontent_keys, content_keys
 from embedpipe.engine.planning import (
     Call,
     Errors,
@@ -79,6 +82,7 @@ from embedpipe.owners import owner_name
 from embedpipe.providers.base import BUG_EXCEPTIONS, Provider, Role
 from embedpipe.retry import make_retrying
 from embedpipe.stats import Stats
+from embedpipe.transcribers import Transcript
 
 log = logging.getLogger("embedpipe")
 
@@ -94,6 +98,11 @@ CLAIM_TTL_SECONDS = 60.0
 CLAIM_POLL_SECONDS = 0.05
 
 Result = tuple[np.ndarray, dict[int, Failure], bool, Stats]
+
+
+def _listed(inputs: Sequence[Any]) -> Sequence[Any]:
+    """``inputs`` as a list (a generator is read once), left alone when it is a str or bytes (an error later)."""
+    return inputs if isinstance(inputs, (str, bytes, list)) else list(inputs)
 
 
 def retry_reason(exc: BaseException | None) -> str:
@@ -120,7 +129,8 @@ class Engine:
                  hooks: Hooks, dimensions: int | None, namespace: str | None, batch_size: int,
                  max_batch_tokens: int | None, max_concurrency: int, max_retries: int, retry_wait: Any,
                  sleep: Callable[[float], Any] | None, on_long_input: OnLongInput, errors: Errors,
-                 cache_queries: bool, price_per_1m: float | None, max_rate_limit_wait: float | None = 300.0) -> None:
+                 cache_queries: bool, price_per_1m: float | None, max_rate_limit_wait: float | None = 300.0,
+                 audio: AudioStage | None = None) -> None:
         self.provider = provider
         self.info = provider.info
         self.spec = provider.spec
@@ -141,6 +151,8 @@ class Engine:
         self.cache_queries = cache_queries
         self.price = price_per_1m
         self.max_rate_limit_wait = max_rate_limit_wait
+        #: transcripts for Audio inputs (``audio_to_text``), or None
+        self.audio = audio
         self.total = Stats()
         if price_per_1m is None:
             self.total.cost_usd = self.total.saved_usd = None
@@ -222,7 +234,8 @@ class Engine:
             self.emit(CallDone(self.spec, call.id, call.stats.snapshot()))
 
     # ------------------------------------------------------------------ the steps of a call
-    def begin(self, inputs: Sequence[Any], role: Role, errors: Errors | None, stats: Stats | None = None) -> Call:
+    def begin(self, inputs: Sequence[Any], role: Role, errors: Errors | None, stats: Stats | None = None,
+              content_keys: dict[int, bytes | str] | None = None) -> Call:
         errors = errors or self.errors
         if errors not in ("raise", "collect"):
             from embedpipe.errors import ConfigurationError
@@ -233,7 +246,7 @@ class Engine:
             if self.price is None:
                 stats.cost_usd = stats.saved_usd = None
         call = prepare(inputs, role, errors, call_id=next_call_id(), stats=stats,
-                       modalities=self.info.modalities, spec=self.spec)
+                       modalities=self.info.modalities, spec=self.spec, content_keys=content_keys)
         if self.cache is not None and (role == "document" or self.cache_queries) and call.unique:
             cache = self.cache
             call.keys = self._derive_keys(call, lambda material, texts: cache.keys_for(material, texts, role))
@@ -257,7 +270,7 @@ class Engine:
     def cut(self, call: Call, misses: list[int]) -> list[Piece]:
         """Count tokens and apply ``on_long_input`` to ``misses``."""
         limit = self.token_limit()
-        cut = cut_pieces(call, misses, self.provider.tokenizer, limit, self.on_long_input)
+        cut = cut_pieces(call, misses, self.provider.tokenizer, limit, self.on_long_input, self.provider.item_tokens)
         if cut.split or cut.truncated:
             call.stats.add(split=cut.split, truncated=cut.truncated)
         if cut.truncated and not self._truncation_warned:
@@ -304,8 +317,12 @@ class Engine:
             log.warning("embedpipe: cache %s failed (%s); continuing uncached", what, exc)
 
     # ------------------------------------------------------------------ drivers
-    def run_sync(self, inputs: Sequence[Any], role: Role, errors: Errors | None = None) -> Result:
-        call = self.begin(inputs, role, errors)
+    def run_sync(self, inputs: Sequence[Any], role: Role, errors: Errors | None = None,
+                 stats: Stats | None = None) -> Result:
+        inputs = _listed(inputs)
+        if self.audio is not None and any(is_audio(t) for t in inputs):
+            return self._run_audio_sync(inputs, role, errors)
+        call = self.begin(inputs, role, errors, stats, content_keys=content_keys(inputs, self.info.modalities))
         try:
             values: Sequence[bytes | None] = [None] * len(call.unique)
             epoch, t0 = self._epoch, time.perf_counter()
@@ -321,8 +338,12 @@ class Engine:
         self.raise_or(call, failures)
         return out, failures, call.budget_exceeded, call.stats
 
-    async def run_async(self, inputs: Sequence[Any], role: Role, errors: Errors | None = None) -> Result:
-        call = self.begin(inputs, role, errors)
+    async def run_async(self, inputs: Sequence[Any], role: Role, errors: Errors | None = None,
+                        stats: Stats | None = None) -> Result:
+        inputs = _listed(inputs)
+        if self.audio is not None and any(is_audio(t) for t in inputs):
+            return await self._run_audio_async(inputs, role, errors)
+        call = self.begin(inputs, role, errors, stats, content_keys=await acontent_keys(inputs, self.info.modalities))
         try:
             values: Sequence[bytes | None] = [None] * len(call.unique)
             epoch, t0 = self._epoch, time.perf_counter()
@@ -338,16 +359,83 @@ class Engine:
         self.raise_or(call, failures)
         return out, failures, call.budget_exceeded, call.stats
 
+    # ------------------------------------------------------------------ audio: transcripts around a call
+    def _new_stats(self) -> Stats:
+        stats = Stats()
+        if self.price is None:
+            stats.cost_usd = stats.saved_usd = None
+        return stats
+
+    def _audio_begin(self, inputs: Sequence[Any], errors: Errors | None) -> tuple[Expanded, Stats]:
+        assert self.audio is not None
+        per_minute = self.audio.transcriber.price_per_minute
+        if self.budget.limit_usd is not None and per_minute:
+            # Refuse before transcribing what the budget cannot pay for (lengths from the files' headers).
+            _, seconds, _ = self.audio.plan(inputs)
+            self.budget.check_usd(seconds / 60 * per_minute, f"transcribing {seconds:.1f} s of audio")
+        stats = self._new_stats()
+        expanded = self.audio.expand(inputs, stats)
+        spent = stats.cost_usd or 0.0
+        if spent:
+            self.budget.spend(spent)
+        if expanded.failures and (errors or self.errors) == "raise":
+            self.total.merge(stats)
+            idx = sorted(expanded.failures)
+            shown = "; ".join(f"input {i}: {expanded.failures[i].message}" for i in idx[:5])
+            raise InvalidInputError(f"{len(idx)} audio input(s) cannot be embedded at indices {idx[:20]}: {shown}; "
+                                    "nothing was embedded", idx)
+        return expanded, stats
+
+    def _audio_end(self, expanded: Expanded, result: Result, errors: Errors | None) -> Result:
+        assert self.audio is not None
+        out, failures, budget, stats = result
+        block, merged = self.audio.collapse(expanded, out, failures, self.provider.tokenizer, self.expected_dims)
+        if merged and (errors or self.errors) == "raise":
+            raise EmbeddingFailedError(merged, stats=stats.snapshot())
+        return block, merged, budget, stats
+
+    def _run_audio_sync(self, inputs: Sequence[Any], role: Role, errors: Errors | None) -> Result:
+        expanded, stats = self._audio_begin(inputs, errors)
+        return self._audio_end(expanded, self.run_sync(expanded.inputs, role, "collect", stats), errors)
+
+    async def _run_audio_async(self, inputs: Sequence[Any], role: Role, errors: Errors | None) -> Result:
+        expanded, stats = await asyncio.to_thread(self._audio_begin, inputs, errors)
+        return self._audio_end(expanded, await self.run_async(expanded.inputs, role, "collect", stats), errors)
+
+    def transcribe(self, audio: Any) -> Transcript:
+        """``audio``'s transcript through the transcript cache (counted in the running total)."""
+        if self.audio is None:
+            from embedpipe.errors import ConfigurationError
+
+            raise ConfigurationError("this pipeline has no audio_to_text model: pass audio_to_text='local-whisper:"
+                                     "tiny.en' (or 'openai:whisper-1')")
+        stats = self._new_stats()
+        try:
+            return self.audio.transcribe(audio, stats)
+        finally:
+            if stats.cost_usd:
+                self.budget.spend(stats.cost_usd)
+            self.total.merge(stats)
+
     def estimate(self, inputs: Sequence[Any], rpm: int | None, tpm: int | None) -> Estimate:
         """What embedding ``inputs`` would cost; shares no mutable state with running calls."""
-        call = self.begin(inputs, "document", "collect", stats=Stats())
+        inputs = _listed(inputs)
+        if self.audio is not None and any(is_audio(t) for t in inputs):
+            texts, seconds, unreadable = self.audio.plan(inputs)
+            est = self.estimate(texts, rpm, tpm)
+            per_minute = self.audio.transcriber.price_per_minute
+            cost = None if per_minute is None or est.cost_usd is None else est.cost_usd + seconds / 60 * per_minute
+            return dataclasses.replace(est, texts=len(inputs), invalid=est.invalid + unreadable,
+                                       audio_seconds=seconds, cost_usd=cost)
+        call = self.begin(inputs, "document", "collect", stats=Stats(),
+                          content_keys=content_keys(inputs, self.info.modalities))
         values: Sequence[bytes | None] | None = None
         if self.cache is not None and call.keys:
             with self.cache_guard(call, "read"):
                 values = self.cache.get_many(call.keys)
         misses = self._lookup_only(call, values)
         limit = self.token_limit()
-        cut = cut_pieces(call, misses, self.provider.tokenizer, limit, self.on_long_input)
+        cut = cut_pieces(call, misses, self.provider.tokenizer, limit, self.on_long_input, self.provider.item_tokens)
         batches = plan_batches(cut.pieces, self.batch_size, self.request_cap())
         tokens = sum(p.tokens for p in cut.pieces)
         eta = None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -68,12 +68,14 @@ def _surrogate_at(text: str) -> int:
 
 
 def prepare(inputs: Sequence[Any], role: Role, errors: Errors, *, call_id: int, stats: Stats,
-            modalities: frozenset[str], spec: str) -> Call:
+            modalities: frozenset[str], spec: str, content_keys: Mapping[int, bytes | str] | None = None) -> Call:
     """Validate ``inputs`` (before any spend) and dedupe them into the call's unique list.
 
     Invalid inputs (not str/Item, empty, not encodable as UTF-8, a kind the provider does not
-    embed) raise with every offending index when ``errors="raise"``; with ``"collect"`` they
-    become ``invalid_input`` failures and the rest goes on.
+    embed, an item whose content cannot be read) raise with every offending index when
+    ``errors="raise"``; with ``"collect"`` they become ``invalid_input`` failures and the rest
+    goes on. ``content_keys``: the items' keys computed beforehand (in worker threads, see
+    :func:`item_content_keys`), by input index; a ``str`` there is why that item is unreadable.
     """
     if isinstance(inputs, (str, bytes)):
         raise InputTypeError(f"texts must be a list of str, not a single {type(inputs).__name__}; "
@@ -86,6 +88,7 @@ def prepare(inputs: Sequence[Any], role: Role, errors: Errors, *, call_id: int, 
     empty: list[int] = []
     not_utf8: list[int] = []
     wrong_kind: list[int] = []
+    unreadable: dict[int, str] = {}
     has_items = False
     for i, t in enumerate(inputs):
         if isinstance(t, str):
@@ -104,8 +107,14 @@ def prepare(inputs: Sequence[Any], role: Role, errors: Errors, *, call_id: int, 
             if not isinstance(kind, str) or kind not in modalities or kind == TEXT:
                 wrong_kind.append(i)
                 continue
+            content = content_keys.get(i) if content_keys is not None else None
+            if content is None:
+                content = content_key_or_why(t)
+            if isinstance(content, str):
+                unreadable[i] = content
+                continue
             has_items = True
-            key = ("\x00item", kind, t.content_key())
+            key = ("\x00item", kind, content)
         else:
             bad_type.append(i)
             continue
@@ -115,9 +124,9 @@ def prepare(inputs: Sequence[Any], role: Role, errors: Errors, *, call_id: int, 
             firsts.append(t)
         where[i] = u
     failures: dict[int, Failure] = {}
-    if bad_type or empty or not_utf8 or wrong_kind:
+    if bad_type or empty or not_utf8 or wrong_kind or unreadable:
         if errors == "raise":
-            _raise_invalid(inputs, bad_type, empty, not_utf8, wrong_kind, modalities, spec)
+            _raise_invalid(inputs, bad_type, empty, not_utf8, wrong_kind, modalities, spec, unreadable)
         for i in bad_type:
             failures[i] = Failure("invalid_input", message=f"input is {type(inputs[i]).__name__}, not str")
         for i in empty:
@@ -127,6 +136,8 @@ def prepare(inputs: Sequence[Any], role: Role, errors: Errors, *, call_id: int, 
                 f"input is not valid UTF-8 text (a lone surrogate at character {_surrogate_at(inputs[i])})"))
         for i in wrong_kind:
             failures[i] = Failure("invalid_input", message=_kind_message(inputs[i], modalities, spec))
+        for i, why in unreadable.items():
+            failures[i] = Failure("invalid_input", message=why)
     unique = firsts
     stats.add(deduped=len(inputs) - len(failures) - len(unique))
     return Call(call_id, len(inputs), role, errors, stats, failures, unique, where,
@@ -138,11 +149,20 @@ def _kind_message(item: Any, modalities: frozenset[str], spec: str) -> str:
     return f"input is of kind {kind!r}, which {spec} cannot embed (it embeds {sorted(modalities)})"
 
 
+def content_key_or_why(item: Item) -> bytes | str:
+    """``item.content_key()``, or the message of the :class:`InvalidInputError` that says why it has none."""
+    try:
+        return item.content_key()
+    except InvalidInputError as exc:
+        return str(exc)
+
+
 def _raise_invalid(inputs: list[Any], bad_type: list[int], empty: list[int], not_utf8: list[int],
-                   wrong_kind: list[int], modalities: frozenset[str], spec: str) -> None:
+                   wrong_kind: list[int], modalities: frozenset[str], spec: str,
+                   unreadable: Mapping[int, str]) -> None:
     if bad_type:
         kinds = sorted({type(inputs[i]).__name__ for i in bad_type})
-        others = sorted(empty + not_utf8 + wrong_kind)
+        others = sorted(empty + not_utf8 + wrong_kind + list(unreadable))
         extra = f"; inputs at {_show(others)} are invalid too" if others else ""
         raise InputTypeError(
             f"{len(bad_type)} input(s) are not str ({', '.join(kinds)}) at indices {_show(bad_type)}{extra}; "
@@ -156,7 +176,13 @@ def _raise_invalid(inputs: list[Any], bad_type: list[int], empty: list[int], not
         kinds = sorted({str(getattr(inputs[i], "kind", None)) for i in wrong_kind})
         parts.append(f"{len(wrong_kind)} input(s) are of kind {', '.join(kinds)}, which {spec} cannot embed "
                      f"(it embeds {sorted(modalities)}), at indices {_show(wrong_kind)}")
-    raise InvalidInputError("; ".join(parts) + "; nothing was embedded", sorted(empty + not_utf8 + wrong_kind))
+    if unreadable:
+        shown = "; ".join(f"input {i}: {why}" for i, why in list(unreadable.items())[:5])
+        more = f" (and {len(unreadable) - 5} more)" if len(unreadable) > 5 else ""
+        parts.append(f"{len(unreadable)} input(s) cannot be read at indices {_show(sorted(unreadable))}: "
+                     f"{shown}{more}")
+    raise InvalidInputError("; ".join(parts) + "; nothing was embedded",
+                            sorted(empty + not_utf8 + wrong_kind + list(unreadable)))
 
 
 def apply_hits(call: Call, values: Sequence[bytes | None], expected_dims: int | None) -> tuple[list[int], int, int]:
@@ -189,10 +215,11 @@ class Cut:
 
 
 def cut_pieces(call: Call, misses: list[int], tokenizer: Tokenizer, limit: int | None,
-               on_long_input: OnLongInput) -> Cut:
+               on_long_input: OnLongInput, item_tokens: Callable[[Any], int] | None = None) -> Cut:
     """Count tokens and apply ``on_long_input``: texts over ``limit`` become windows or are cut.
 
-    Items (images, audio) are one piece each with no token count.
+    Items (images, audio) are one piece each, weighing what ``item_tokens`` says (an image's
+    patches for a vision model: batches are then planned by pixels as texts are by tokens), 0 without it.
     """
     cut = Cut([], [])
     if not misses:
@@ -209,7 +236,9 @@ def cut_pieces(call: Call, misses: list[int], tokenizer: Tokenizer, limit: int |
         text = call.unique[u]
         n = counts.get(u)
         if n is None:
-            cut.pieces.append(Piece(u, text, 0))
+            weight = item_tokens(text) if item_tokens is not None else 0
+            call.tokens[u] = weight
+            cut.pieces.append(Piece(u, text, weight))
             continue
         call.tokens[u] = n
         if limit is None or n <= limit:
@@ -328,5 +357,5 @@ def slices(call: Call, misses: list[int], whole: bool) -> list[list[int]]:
     return chunks
 
 
-__all__ = ["Call", "Cut", "Errors", "OnLongInput", "Piece", "apply_hits", "assemble", "combine", "cut_pieces",
-           "plan_batches", "prepare", "slices"]
+__all__ = ["Call", "Cut", "Errors", "OnLongInput", "Piece", "apply_hits", "assemble", "combine",
+           "content_key_or_why", "cut_pieces", "plan_batches", "prepare", "slices"]

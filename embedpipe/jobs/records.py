@@ -8,19 +8,41 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from embedpipe.errors import InvalidInputError
+from embedpipe.inputs import Item
+
 
 @dataclass(slots=True)
 class Record:
-    """What a source yields: a stable ``id``, the ``text`` to embed and any other fields as ``metadata``."""
+    """What a source yields: a stable ``id``, the ``text`` to embed and any other fields as ``metadata``.
+
+    ``text`` is a str, or an :class:`~embedpipe.inputs.Item` (an image) from a media source.
+    """
 
     id: str
-    text: str
+    text: Any
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
-def content_hash(text: str) -> bytes:
-    """SHA-256 digest of ``text``."""
+def content_hash(text: Any) -> bytes:
+    """SHA-256 digest of ``text``; of an item's kind and content key (an image's pixels) for an item."""
+    if not isinstance(text, str) and isinstance(text, Item):
+        try:
+            key = text.content_key()
+        except InvalidInputError:
+            key = b"\xffunreadable"  # embedding it fails and dead-letters it; a readable version hashes anew
+        return hashlib.sha256(b"\xff" + str(text.kind).encode("utf-8") + b"\x00" + key).digest()
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
+
+
+def text_of(record: Record) -> str:
+    """What a dead letter keeps of a record's input: its text; nothing for an item (an image).
+
+    Nothing, because a letter's text is what ``dlq retry`` embeds: an image's path would come back
+    embedded as a text. The reason names the file, the metadata keeps its path, and re-running the
+    job re-embeds the file once it is readable (its content hash changes).
+    """
+    return record.text if isinstance(record.text, str) else ""
 
 
 def metadata_json(metadata: Mapping[str, Any]) -> str:

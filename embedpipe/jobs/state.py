@@ -33,7 +33,7 @@ from embedpipe.deadletters import DeadLetter
 from embedpipe.deadletters.sqlite import DEAD_LETTER_COLUMNS, DEAD_LETTER_SCHEMA, select_letters
 from embedpipe.errors import ConfigurationError
 from embedpipe.jobs.errors import JobConflictError, JobLockedError
-from embedpipe.jobs.records import Entry, Record
+from embedpipe.jobs.records import Entry, Record, text_of
 from embedpipe.owners import dead_here
 
 _SCHEMA = """
@@ -403,7 +403,7 @@ class SQLiteJobStore:
                     f"INSERT INTO dead_letters({DEAD_LETTER_COLUMNS}) VALUES (?, NULL, ?, ?, NULL, ?, 1, ?) "
                     "ON CONFLICT(id) DO UPDATE SET text=excluded.text, metadata=excluded.metadata, "
                     "reason=excluded.reason, attempts=dead_letters.attempts + 1, time=excluded.time",
-                    [(f.entry.record.id, f.entry.record.text, f.entry.metadata_json,
+                    [(f.entry.record.id, text_of(f.entry.record), f.entry.metadata_json,
                       redact(str(f.reason), self.secrets), now) for f in failed])
                 for chunk in _chunks([f.entry.record.id for f in failed]):
                     db.execute(f"DELETE FROM pending_metadata WHERE id IN ({','.join('?' * len(chunk))})", chunk)

@@ -33,6 +33,13 @@ def _local(name: str, **opts: Any) -> Provider:
     return LocalProvider(name, **{k: v for k, v in opts.items() if k in ("device", "encode_batch_size", "precision")})
 
 
+def _local_clip(name: str, **opts: Any) -> Provider:
+    from embedpipe.providers.local_clip import LocalCLIPProvider
+
+    _float_only(opts)
+    return LocalCLIPProvider(name, **{k: v for k, v in opts.items() if k in ("device", "precision", "decode_threads")})
+
+
 def _openai(name: str, **opts: Any) -> Provider:
     from embedpipe.providers.openai import OpenAIProvider
 
@@ -71,8 +78,8 @@ def _bedrock(name: str, **opts: Any) -> Provider:
 
 #: spec prefix -> factory(name, **options); each imports its SDK only when used
 PROVIDERS: dict[str, Callable[..., Provider]] = {
-    "fake": _fake, "local": _local, "openai": _openai, "cohere": _cohere, "voyage": _voyage, "azure": _azure,
-    "gemini": _gemini, "bedrock": _bedrock,
+    "fake": _fake, "local": _local, "local-clip": _local_clip, "openai": _openai, "cohere": _cohere,
+    "voyage": _voyage, "azure": _azure, "gemini": _gemini, "bedrock": _bedrock,
 }
 
 

@@ -218,6 +218,14 @@ class Provider:
 
         return TiktokenTokenizer.for_encoding("cl100k_base")
 
+    def item_tokens(self, item: Any) -> int:
+        """What one non-text input weighs in batch planning, in the units of ``max_batch_tokens``.
+
+        0 by default. A vision model returns the patches an image becomes, so that requests are
+        planned by pixels as texts are by tokens.
+        """
+        return 0
+
     # -- the batch method -------------------------------------------------------------
     # ``list[Any]``: inputs are strings, or Items of a kind in ``info.modalities``; a text-only
     # provider may annotate ``list[str]``, since the engine never hands it anything else.
