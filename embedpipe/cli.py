@@ -1,7 +1,7 @@
 """The ``embedpipe`` command line: ``run``, ``estimate``, ``dlq``, ``cache`` and ``eval``.
 
 A thin layer over :mod:`embedpipe.jobs`: options become keyword arguments, results
-become text and exit codes. Exit codes: 0 all embedded; 3 finished, with dead letters;
+become text and exit codes. Exit codes: 0 all embedded; 3 finished, with new dead letters;
 4 stopped at (or refused by) the budget; 1 error; 2 usage (bad options, or an output
 built with another model). The API key comes from the environment (``OPENAI_API_KEY``).
 """
@@ -183,7 +183,7 @@ class _Progress:
 def main() -> None:
     """Embed corpora durably: resumable, incremental, within budget.
 
-    Exit codes: 0 all embedded; 3 finished with dead letters; 4 stopped at the budget;
+    Exit codes: 0 all embedded; 3 finished with new dead letters; 4 stopped at the budget;
     1 error; 2 usage.
     """
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
@@ -373,6 +373,30 @@ def jobs_resume(job_id: str, store: str, broker: str, progress: bool | None) -> 
     sys.exit(result.exit_code)
 
 
+@main.command()
+@click.option("--out", "-o", required=True, help="The damaged output folder (a run's --out).")
+@click.option("--state", type=click.Path(dir_okay=False), help="Its state file, if not OUT/_state.sqlite.")
+@_handle_errors
+def repair(out: str, state: str | None) -> None:
+    """Set damaged parts and state aside in OUT/_quarantine/ and rebuild the state from the readable parts.
+
+    Then run the same `embedpipe run` command again: it re-embeds the records that were in
+    damaged parts, from the cache where it holds them.
+    """
+    from embedpipe.jobs.repair import repair as repair_output
+
+    result = repair_output(out, state=state)
+    if not result.quarantined:
+        click.echo(f"{out}: nothing is damaged ({result.records:,} records)")
+    else:
+        for name in result.quarantined:
+            click.echo(f"set aside: {name}")
+        what = "rebuilt from the readable parts" if result.state_rebuilt else "kept"
+        click.echo(f"state {what}: {result.records:,} records; {result.forgotten:,} to re-embed. Run the same "
+                   "`embedpipe run` command again to restore them (from the cache where it holds them).")
+    sys.exit(result.exit_code)
+
+
 # ------------------------------------------------------------------ dlq
 def _target_options(fn: F) -> F:
     fn = click.option("--state", type=click.Path(dir_okay=False), help="The run's state file (default: "
@@ -509,15 +533,17 @@ def cache_stats(cache: str | None, out: str | None, state: str | None) -> None:
 
     job_state, _ = open_state(out, state)
     with job_state:
-        runs = [r for r in job_state.runs() if r.cached + r.embedded]
+        every = job_state.runs()
+    runs = [r for r in every if r.cached + r.embedded]
     if not runs:
-        click.echo("hit rate  no run has embedded anything yet")
+        click.echo(f"hit rate  none of {len(every)} run(s) needed a vector yet")
         return
     last = runs[-1]
     hits, total = sum(r.cached for r in runs), sum(r.cached + r.embedded for r in runs)
-    click.echo(f"hit rate  {last.cached / (last.cached + last.embedded):.1%} in the last run "
-               f"({last.cached:,} of {last.cached + last.embedded:,} texts), {hits / total:.1%} over "
-               f"{len(runs)} run(s)")
+    idle = len(every) - len(runs)
+    click.echo(f"hit rate  {last.cached / (last.cached + last.embedded):.1%} in the last run that needed vectors "
+               f"({last.cached:,} of {last.cached + last.embedded:,} texts), {hits / total:.1%} over all "
+               f"{len(every)} run(s)" + (f" ({idle} found everything unchanged)" if idle else ""))
 
 
 @cache.command("prune")

@@ -128,9 +128,10 @@ def test_empty_and_rejected_records_go_to_the_dead_letter_queue_and_can_be_retri
     assert (letters["poison"].text, dict(letters["poison"].metadata), letters["poison"].attempts) == \
         ("a POISON record", {"topic": "d"}, 1)
 
-    # The same command again leaves unchanged dead letters alone.
+    # The same command again leaves unchanged dead letters alone: no new letter, exit 0; the summary names the old.
     openai_server.control.reset_ledger()
-    assert cli(*run_args(src, out, openai_server, tmp_path)).exit_code == 3
+    again_run = cli(*run_args(src, out, openai_server, tmp_path))
+    assert again_run.exit_code == 0 and "4 dead letter(s) (0 new)" in again_run.output, again_run.output
     assert openai_server.ledger.requests_total == 0
 
     # Retry needs no source: the letters keep text and metadata; model and URL come from the state.
@@ -228,14 +229,19 @@ def test_cache_commands_stats_prune_export_import(tmp_path: Path, openai_server:
     stats = cli("cache", "stats", "--cache", url, "--out", out)
     assert stats.exit_code == 0, stats.output
     assert "entries   30" in stats.output
-    assert "100.0% in the last run (30 of 30 texts), 50.0% over 2 run(s)" in stats.output
+    assert "100.0% in the last run that needed vectors (30 of 30 texts), 50.0% over all 2 run(s)" in stats.output
+    assert cli(*run_args(src, out, openai_server, tmp_path)).exit_code == 0  # all unchanged: still a run
+    stats = cli("cache", "stats", "--cache", url, "--out", out)
+    assert "over all 3 run(s) (1 found everything unchanged)" in stats.output, stats.output
 
     exported = cli("cache", "export", tmp_path / "v.parquet", "--cache", url)
     assert "30 vectors exported" in exported.output
     imported = cli("cache", "import", tmp_path / "v.parquet", "--cache", f"sqlite:///{tmp_path}/other.db")
     assert "30 vectors imported" in imported.output
+    before = (tmp_path / "other.db").stat().st_size
     pruned = cli("cache", "prune", "--cache", f"sqlite:///{tmp_path}/other.db", "--max-bytes", "1KB")
     assert pruned.exit_code == 0 and "entries removed" in pruned.output, pruned.output
+    assert (tmp_path / "other.db").stat().st_size < before  # the file shrank: pruning vacuums
     assert "left" in pruned.output
 
 

@@ -265,6 +265,14 @@ class SQLiteCache(CacheBackend):
                 removed += self._evict(c)
 
         self._write(write)
+        if removed:
+            # Deleting rows leaves free pages in the file: give them back to the disk. VACUUM needs the
+            # database to itself; if another process is using it, the space is reused by later writes instead.
+            with contextlib.suppress(sqlite3.OperationalError):
+                conn = self._conn()
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                conn.execute("VACUUM")
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return removed
 
     def stats(self) -> CacheStats:

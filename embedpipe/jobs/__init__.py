@@ -22,6 +22,7 @@ from embedpipe.jobs.cache_transfer import export_cache, import_cache
 from embedpipe.jobs.dlq import RetryResult, dead_letters, purge_dead_letters, retry_dead_letters
 from embedpipe.jobs.errors import (
     BudgetRefusedError,
+    DamagedOutputError,
     JobAbortedError,
     JobConflictError,
     JobLockedError,
@@ -29,6 +30,7 @@ from embedpipe.jobs.errors import (
     SourceError,
 )
 from embedpipe.jobs.records import Entry, Record
+from embedpipe.jobs.repair import RepairResult, repair
 from embedpipe.jobs.results import JobEstimate, JobProgress, JobResult
 from embedpipe.jobs.runner import estimate, run
 from embedpipe.jobs.sinks import JSONLSink, ParquetSink, Receipt, Sink, sink_from
@@ -49,6 +51,7 @@ from embedpipe.jobs.unit import Chunk, ChunkOutcome, finish_job, plan_chunks, pr
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "BudgetRefusedError",
+    "DamagedOutputError",
     "CSVSource",
     "Chunk",
     "ChunkOutcome",
@@ -70,6 +73,7 @@ __all__ = [
     "ParquetSource",
     "Receipt",
     "Record",
+    "RepairResult",
     "SQLiteJobStore",
     "RetryResult",
     "Sink",
@@ -84,6 +88,7 @@ __all__ = [
     "plan_chunks",
     "process_chunk",
     "purge_dead_letters",
+    "repair",
     "retry_dead_letters",
     "run",
     "sink_from",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from embedpipe.errors import BudgetExceededError, ConfigurationError, EmbedPipeError
@@ -41,5 +42,14 @@ class SinkVerificationError(EmbedPipeError):
     """Ids read back from a vector store after a run are missing or differ from what was written."""
 
 
-__all__ = ["BudgetRefusedError", "JobAbortedError", "JobConflictError", "JobLockedError", "SinkVerificationError",
-           "SourceError"]
+class DamagedOutputError(EmbedPipeError):
+    """A job's state file or an output part is unreadable or fails its checksums; ``embedpipe repair`` fixes it."""
+
+    def __init__(self, message: str, path: Path | None = None) -> None:
+        super().__init__(message)
+        #: the damaged file
+        self.path = path
+
+
+__all__ = ["BudgetRefusedError", "DamagedOutputError", "JobAbortedError", "JobConflictError", "JobLockedError",
+           "SinkVerificationError", "SourceError"]

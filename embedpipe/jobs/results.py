@@ -57,7 +57,7 @@ class JobProgress:
 
 @dataclass(frozen=True)
 class JobResult:
-    """What a run did. ``exit_code``: 0 all embedded, 3 finished with dead letters, 4 stopped at the budget."""
+    """What a run did. ``exit_code``: 0 all embedded, 3 finished with new dead letters, 4 stopped at the budget."""
 
     out: str
     state: str
@@ -87,10 +87,14 @@ class JobResult:
 
     @property
     def exit_code(self) -> int:
-        """The CLI's exit code for this result."""
+        """The CLI's exit code: 4 stopped at the budget, 3 this run dead-lettered records, else 0.
+
+        Letters left from earlier runs do not count (the summary reports them), so a cron job
+        alerts once per new failure, not forever.
+        """
         if self.budget_exceeded:
             return 4
-        return 3 if self.dead_letters_total else 0
+        return 3 if self.dead_letters else 0
 
 
 __all__ = ["JobEstimate", "JobProgress", "JobResult"]

@@ -32,6 +32,7 @@ import numpy as np
 from embedpipe import registry
 from embedpipe._urls import URL, file_url, parse_url
 from embedpipe.errors import ConfigurationError
+from embedpipe.jobs.errors import DamagedOutputError
 from embedpipe.jobs.records import Entry
 
 if TYPE_CHECKING:
@@ -105,6 +106,25 @@ class Sink:
 
 
 # ------------------------------------------------------------------ Parquet
+def part_damage(path: Path, ids: set[str] | None = None) -> str | None:
+    """What is wrong with the part at ``path`` (``None``: nothing): an unreadable footer or page, a page whose
+    checksum does not match (parts are written with page checksums), or ``ids`` it should hold but does not."""
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.ParquetFile(path, page_checksum_verification=True).read()
+        if "id" not in table.column_names or "vector" not in table.column_names:
+            return "it has no id or vector column"
+        if ids:
+            held = set(table.column("id").to_pylist())
+            lost = ids - held
+            if lost:
+                return f"{len(lost)} of the ids the state puts there are not in it"
+    except (OSError, ValueError) as exc:  # pyarrow raises ArrowInvalid (a ValueError) or OSError
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
 def _fsync_dir(path: Path) -> None:
     # A rename is durable only once its folder is: without this a power cut could lose a part
     # that the state already points to. Windows cannot open a folder, and needs no such step.
@@ -203,11 +223,20 @@ class ParquetSink(Sink):
         for tmp in self.path.glob("_tmp-*"):
             tmp.unlink(missing_ok=True)  # a write a crash cut short
         present = {p.name for p in self.parts()}
-        missing = [loc for loc in state.locs() if loc not in present]
+        locs = state.locs()
+        missing = [loc for loc in locs if loc not in present]
         if missing:
             n = state.forget_locs(missing)
             log.warning("embedpipe: %d part file(s) of %s are gone; their %d record(s) will be embedded again",
                         len(missing), self.path, n)
+        # Never build on (or report success over) a damaged part: check every part the state relies on.
+        for loc in locs:
+            if loc in present:
+                damage = part_damage(self.path / loc, state.ids_at(loc))
+                if damage:
+                    raise DamagedOutputError(f"output part {self.path / loc} is damaged ({damage}); run `embedpipe "
+                                             f"repair --out {self.path}` to set it aside and re-embed its records "
+                                             "(from the cache where it holds them)", self.path / loc)
 
     @contextlib.contextmanager
     def _atomic(self, name: str) -> Iterator[Path]:
@@ -226,7 +255,7 @@ class ParquetSink(Sink):
         import pyarrow.parquet as pq
 
         with self._atomic(name) as tmp:
-            pq.write_table(table, tmp)
+            pq.write_table(table, tmp, write_page_checksum=True)
 
     def write(self, entries: Sequence[Entry], vectors: np.ndarray, model: str) -> Receipt:
         name = self._new_name()
@@ -296,7 +325,7 @@ class ParquetSink(Sink):
                 try:
                     for p in group:
                         table = pq.read_table(p)
-                        writer = writer or pq.ParquetWriter(tmp, table.schema)
+                        writer = writer or pq.ParquetWriter(tmp, table.schema, write_page_checksum=True)
                         writer.write_table(table)
                         moves += [(name, i) for i in table.column("id").to_pylist()]
                 finally:
@@ -471,4 +500,4 @@ def sink_from_description(text: str) -> Sink | None:
     return None
 
 
-__all__ = ["JSONLSink", "ParquetSink", "Receipt", "Sink", "sink_from", "vectors_table"]
+__all__ = ["JSONLSink", "ParquetSink", "Receipt", "Sink", "part_damage", "sink_from", "vectors_table"]

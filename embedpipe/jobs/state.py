@@ -32,7 +32,7 @@ from embedpipe._urls import URL, redact, redact_url
 from embedpipe.deadletters import DeadLetter
 from embedpipe.deadletters.sqlite import DEAD_LETTER_COLUMNS, DEAD_LETTER_SCHEMA, select_letters
 from embedpipe.errors import ConfigurationError
-from embedpipe.jobs.errors import JobConflictError, JobLockedError
+from embedpipe.jobs.errors import DamagedOutputError, JobConflictError, JobLockedError
 from embedpipe.jobs.records import Entry, Record, text_of
 from embedpipe.owners import dead_here
 
@@ -94,6 +94,20 @@ _ADDED_COLUMNS = {
 #: per-run counters that chunk commits add to
 RUN_COUNTERS = ("records", "written", "unchanged", "metadata_updated", "embedded", "cached", "tokens", "requests",
                 "dead", "deleted")
+
+
+def _damaged(path: Path, detail: str) -> DamagedOutputError:
+    return DamagedOutputError(
+        f"the job state {path} is damaged ({detail}); run `embedpipe repair --out {path.parent}` (or --state "
+        f"{path}) to rebuild it from the output's readable parts", path)
+
+
+def _check_integrity(db: sqlite3.Connection, path: Path) -> None:
+    """``PRAGMA quick_check`` on an existing state file: a damaged one is refused, naming the repair command."""
+    rows = db.execute("PRAGMA quick_check").fetchall()
+    problems = [str(r[0]) for r in rows if str(r[0]).lower() != "ok"]
+    if problems:
+        raise _damaged(path, "; ".join(problems[:3]))
 
 
 def _migrate(db: sqlite3.Connection) -> None:
@@ -190,9 +204,15 @@ class SQLiteJobStore:
         else:
             # synchronous=NORMAL: a power cut can lose the last commits, which only makes a
             # re-run redo (from the cache) what the sink already holds.
-            self._db = _sqlite.connect(self.path, timeout=timeout)
-            with _sqlite.mapped_errors(self.path, timeout):
-                self._db.executescript(_SCHEMA)
+            try:
+                self._db = _sqlite.connect(self.path, timeout=timeout)
+                _check_integrity(self._db, self.path)
+                with _sqlite.mapped_errors(self.path, timeout):
+                    self._db.executescript(_SCHEMA)
+            except sqlite3.DatabaseError as exc:
+                if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+                    raise
+                raise _damaged(self.path, str(exc)) from exc
             with self.transaction() as db:
                 _migrate(db)
 
