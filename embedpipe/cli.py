@@ -168,9 +168,10 @@ class _Progress:
             from tqdm import tqdm
 
             self.bar = tqdm(total=p.total, unit="rec", dynamic_ncols=True, file=sys.stderr, smoothing=0.1)
-        self.bar.update(p.records - self.bar.n)
+        self.bar.update(max(0, p.records - self.bar.n))
         hit = "-" if p.hit_share is None else f"{p.hit_share:.0%}"
-        self.bar.set_postfix_str(f"hit {hit}, {_usd(p.cost_usd)}, dead {p.dead}", refresh=False)
+        waiting = f", {p.waiting}" if getattr(p, "waiting", None) else ""
+        self.bar.set_postfix_str(f"hit {hit}, {_usd(p.cost_usd)}, dead {p.dead}{waiting}", refresh=False)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -174,3 +174,25 @@ def test_a_state_file_written_before_the_job_unit_migrates_and_the_job_resumes(t
             assert rows[r["id"]]["vector"] == pytest.approx(fake_vector(r["text"], 8).tolist())
     again = jobs.run(src, model="fake:8", out=out, cache=None, chunk_size=10)
     assert (again.embedded, again.unchanged) == (0, 29)
+
+
+# ------------------------------------------------------------------ a run's progress and its patience
+def test_progress_advances_per_request_and_says_when_it_waits(openai_server: OpenAITestServer,
+                                                              tmp_path: Path) -> None:
+    openai_server.control.fail_next("rate_limit", times=1)  # one 429 (retry-after 50 ms) on the way
+    seen: list[jobs.JobProgress] = []
+    src = write_jsonl(tmp_path / "src.jsonl", make_records(40))
+    args = openai_args(openai_server, tmp_path, chunk_size=40, batch_size=5, max_concurrency=1)
+    result = jobs.run(src, out=tmp_path / "out", progress=seen.append, **args)
+    assert result.written == 40
+    during = [p.records for p in seen if p.records < 40]
+    assert len(during) >= 4 and during == sorted(during)  # the one chunk shows its requests coming back
+    assert any(p.waiting and "429" in p.waiting for p in seen)
+    assert seen[-1].records == 40
+
+
+def test_jobs_ride_out_longer_429_storms_than_the_library() -> None:
+    spec = jobs.JobSpec.from_options("a.jsonl", "out", model="fake:8")
+    assert spec.pipeline.max_rate_limit_wait == 900.0 and PipelineConfig().max_rate_limit_wait == 300.0
+    assert jobs.JobSpec.from_options("a.jsonl", "out", model="fake:8",
+                                     max_rate_limit_wait=60).pipeline.max_rate_limit_wait == 60

@@ -46,6 +46,8 @@ class JobProgress:
     tokens: int
     cost_usd: float | None
     elapsed: float
+    #: what the run is waiting for, when it is (a 429 storm, the rate limiter), else ``None``
+    waiting: str | None = None
 
     @property
     def hit_share(self) -> float | None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -23,6 +24,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from embedpipe.cost import cost_of
+from embedpipe.events import Event, LimiterWaited, RateLimited, RequestDone
 from embedpipe.jobs.errors import BudgetRefusedError
 from embedpipe.jobs.records import chunked
 from embedpipe.jobs.results import JobEstimate, JobProgress, JobResult
@@ -119,24 +121,62 @@ def estimate(source: SourceLike, *, out: Any = None, api_key: str | None = None,
 
 
 class _Progress:
-    """Counts settled chunks and hands a :class:`JobProgress` to the callback."""
+    """Counts settled chunks, and requests as they come back, and hands a :class:`JobProgress` to the callback.
+
+    Between two chunks the record count advances by the inputs of each request that came
+    back (capped below the next settled count), so a long chunk does not freeze the display;
+    a 429 or a limiter wait shows as ``waiting``.
+    """
 
     def __init__(self, callback: Callable[[JobProgress], None] | None, pipe: EmbeddingPipeline,
                  total: int | None) -> None:
         self.callback, self.pipe, self.total = callback, pipe, total
         self.records = self.unchanged = self.dead = 0
+        self.inflight = 0  # inputs that came back in requests of chunks not settled yet
+        self.waiting: str | None = None
         self.started = time.monotonic()
+        self._lock = threading.Lock()
+        if callback is not None:
+            pipe.hooks.add(self._event)
+
+    def close(self) -> None:
+        if self.callback is not None:
+            self.pipe.hooks.remove(self._event)
+
+    def _event(self, event: Event) -> None:
+        with self._lock:
+            if isinstance(event, RequestDone):
+                if event.status == 200 or event.status is None:
+                    self.inflight += event.inputs
+                self.waiting = None
+            elif isinstance(event, RateLimited):
+                self.waiting = f"rate-limited (429): retrying in {event.wait:.0f}s"
+            elif isinstance(event, LimiterWaited) and event.wait >= 1:
+                self.waiting = f"pacing to --rpm/--tpm: {event.wait:.0f}s"
+            else:
+                return
+        self._report()
 
     def settled(self, chunk: Chunk, outcome: ChunkOutcome | None) -> None:
-        self.records += chunk.read
-        self.unchanged += chunk.unchanged
-        self.dead += outcome.dead if outcome is not None else 0
+        with self._lock:
+            self.records += chunk.read
+            self.unchanged += chunk.unchanged
+            self.dead += outcome.dead if outcome is not None else 0
+            self.inflight = max(0, self.inflight - (outcome.embedded if outcome is not None else 0))
+        self._report()
+
+    def _report(self) -> None:
         if self.callback is None:
             return
         st = self.pipe.stats
-        self.callback(JobProgress(records=self.records, total=self.total, embedded=st.embedded, cached=st.hits,
-                                  unchanged=self.unchanged, dead=self.dead, tokens=st.tokens, cost_usd=st.cost_usd,
-                                  elapsed=time.monotonic() - self.started))
+        with self._lock:
+            shown = self.records + self.inflight
+            if self.total is not None:
+                shown = min(shown, self.total)
+            progress = JobProgress(records=shown, total=self.total, embedded=st.embedded, cached=st.hits,
+                                   unchanged=self.unchanged, dead=self.dead, tokens=st.tokens, cost_usd=st.cost_usd,
+                                   elapsed=time.monotonic() - self.started, waiting=self.waiting)
+        self.callback(progress)
 
 
 def process_all(spec: JobSpec, chunks: Iterable[Chunk], *, store: SQLiteJobStore, pipeline: EmbeddingPipeline,
@@ -235,6 +275,8 @@ def run(source: SourceLike, *, out: Any = None, api_key: str | None = None, rebu
                 if gen is not None and gen != before:
                     store.end_run(gen, "error")
                 raise
+            finally:
+                tracker.close()
             chunks.close()
             result = finish_job(spec, store, sink=sink, status=status, started=started)
             return _with_estimate(result, est)

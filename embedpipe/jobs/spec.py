@@ -38,6 +38,8 @@ DEFAULT_CHUNK_SIZE = 2000
 SPEC_VERSION = 1
 #: the source options a spec carries (how records are read from the source)
 SOURCE_OPTIONS = ("id_field", "text_field", "format")
+#: pipeline options whose default differs in jobs: a long 429 storm should pause a night's run, not end it
+JOB_PIPELINE_DEFAULTS: Mapping[str, Any] = {"max_rate_limit_wait": 900.0}
 #: the options of a run that are not the pipeline's, with their defaults (stated here once)
 JOB_DEFAULTS: Mapping[str, Any] = {
     "chunk_size": DEFAULT_CHUNK_SIZE,
@@ -109,6 +111,7 @@ class JobSpec:
                 known = sorted(pipe_fields | set(JOB_DEFAULTS))
                 raise ConfigurationError(f"unknown job option {name!r}; known: {', '.join(known)}")
         source_options = {k: job.pop(k) for k in SOURCE_OPTIONS if k in job}
+        pipe = {**JOB_PIPELINE_DEFAULTS, **pipe}
         if "model" not in pipe:
             raise ConfigurationError("a job needs a model: pass model='openai:text-embedding-3-small' (or --model)")
         job = {k: v for k, v in job.items() if v is not None or k == "budget_usd"}
@@ -186,4 +189,4 @@ class JobSpec:
         return cls.from_dict(data)
 
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "JOB_DEFAULTS", "SOURCE_OPTIONS", "JobSpec"]
+__all__ = ["DEFAULT_CHUNK_SIZE", "JOB_DEFAULTS", "JOB_PIPELINE_DEFAULTS", "SOURCE_OPTIONS", "JobSpec"]
