@@ -36,6 +36,7 @@ SCENARIOS = {
     "compact": "benchmarks.compact",
     "serve": "benchmarks.serve",
     "distributed": "benchmarks.distributed",
+    "dupspend": "benchmarks.dupspend",
     "multimodal": "benchmarks.multimodal",
 }
 

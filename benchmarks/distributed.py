@@ -78,19 +78,16 @@ def _workers(n: int, broker: str, repo: Path, scratch: Path) -> Iterator[None]:
             with log.open("wb") as f:
                 procs.append(subprocess.Popen(
                     [sys.executable, "-m", "celery", "-A", "embedpipe.distributed.celery", "worker", "-n",
-                     f"bench{i}@%h", "-c", "1", "--pool", "prefork", "--loglevel", "WARNING", "--without-gossip",
+                     f"bench{i}@%h", "-c", "1", "--pool", "prefork", "--loglevel", "INFO", "--without-gossip",
                      "--without-mingle", "--without-heartbeat"], env=env, stdout=f, stderr=subprocess.STDOUT,
                     start_new_session=True))
-        deadline = time.monotonic() + 90
-        import celery
-
-        app = celery.Celery(broker=broker)
+        deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            replies = app.control.ping(timeout=0.5) or []
-            if len(replies) >= n:
+            if all(b"ready." in log.read_bytes() for log in logs):
                 break
+            time.sleep(0.1)
         else:
-            raise Unavailable(f"{n} Celery workers did not answer a ping within 90 s")
+            raise Unavailable(f"{n} Celery workers were not ready within 120 s")
         yield
     finally:
         for p in procs:
