@@ -9,6 +9,8 @@ import weakref
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
+import numpy as np
+
 from embedpipe import _runner
 from embedpipe._signature import check_keywords
 from embedpipe.cache import CacheBackend, default_cache_url, resolve_cache
@@ -211,6 +213,46 @@ class EmbeddingPipeline:
         out, failures, _, _ = await _runner.run_async(self._engine.run_async(_one(text), "query"))
         return None if failures else out[0].tolist()  # type: ignore[return-value]
 
+    # ------------------------------------------------------------------ chunks of one document
+    def embed_chunks(self, document: str, chunks: Sequence[str] | Sequence[tuple[int, int]], *,
+                     mode: str = "late") -> np.ndarray:
+        """Vectors of ``document``'s ``chunks`` (their texts in order, or ``(start, end)`` spans): ``(n, d)``.
+
+        ``mode="late"`` (local transformer models) runs the model over the whole document, in
+        windows of its position limit with overlap, and mean-pools each chunk's tokens (Jina's
+        late chunking), so each vector knows its context; cached per document and mode.
+        ``mode="naive"`` embeds each chunk's text alone.
+        """
+        from embedpipe.late_chunking import embed_chunks
+
+        self._open()
+        return embed_chunks(self, document, chunks, mode=_mode(mode))
+
+    async def aembed_chunks(self, document: str, chunks: Sequence[str] | Sequence[tuple[int, int]], *,
+                            mode: str = "late") -> np.ndarray:
+        """Async twin of :meth:`embed_chunks`."""
+        from embedpipe.late_chunking import aembed_chunks
+
+        self._open()
+        return await aembed_chunks(self, document, chunks, mode=_mode(mode))
+
+    def embed_chunks_many(self, documents: Sequence[tuple[str, Sequence[str] | Sequence[tuple[int, int]]]], *,
+                          mode: str = "late") -> list[np.ndarray]:
+        """:meth:`embed_chunks` for many ``(document, chunks)`` pairs; naive chunks share batched requests."""
+        from embedpipe.late_chunking import chunk_spans, embed_chunks
+
+        self._open()
+        if _mode(mode) == "late":
+            return [embed_chunks(self, doc, chunks, mode="late") for doc, chunks in documents]
+        spans = [chunk_spans(doc, chunks) for doc, chunks in documents]
+        flat = np.asarray(self.embed_array([doc[a:b] for (doc, _), sp in zip(documents, spans, strict=True)
+                                            for a, b in sp]), dtype=np.float32)
+        out, start = [], 0
+        for sp in spans:
+            out.append(flat[start:start + len(sp)])
+            start += len(sp)
+        return out
+
     def estimate(self, texts: Sequence[Input]) -> Estimate:
         """Tokens, cost, cached share, requests and ETA for ``texts``, with no provider call."""
         self._open()
@@ -273,6 +315,12 @@ class EmbeddingPipeline:
     def __repr__(self) -> str:
         cache = type(self.cache).__name__ if self.cache else None
         return f"EmbeddingPipeline(model={self.provider.spec!r}, dimensions={self.dimensions}, cache={cache})"
+
+
+def _mode(mode: str) -> Any:
+    if mode not in ("late", "naive"):
+        raise ConfigurationError(f"mode={mode!r}: use 'late' or 'naive'")
+    return mode
 
 
 def _one(text: Input) -> list[Input]:

@@ -186,3 +186,28 @@ def test_embed_chunks_names_bad_input() -> None:
     with pytest.raises(ConfigurationError, match="mode"):
         embed_chunks(pipe, "Some text here.", ["Some"], mode="eager")  # type: ignore[arg-type]
     assert embed_chunks(pipe, "Some text here.", ["Some", "text"], mode="naive").shape == (2, 8)
+
+
+def test_the_pipeline_embeds_chunks_late_naive_and_many(local_provider: Any, tmp_path: Any) -> None:
+    import asyncio
+
+    from embedpipe import EmbeddingPipeline
+    from embedpipe.errors import ConfigurationError
+
+    doc_a = "Lists are mutable sequences. They hold items of any type. Tuples are immutable sequences instead."
+    doc_b = "A dictionary maps keys to values. Keys must be hashable. Sets hold unique hashable items."
+    chunks_a = ["Lists are mutable sequences.", "They hold items of any type.", "Tuples are immutable sequences"]
+    chunks_b = [(0, 33), (34, 57), (58, len(doc_b))]
+    with EmbeddingPipeline(local_provider, cache=f"sqlite:///{tmp_path}/c.db") as pipe:
+        late = pipe.embed_chunks(doc_a, chunks_a)
+        assert late.shape == (3, 384)
+        assert np.allclose(np.linalg.norm(late, axis=1), 1.0, atol=1e-5)
+        naive = pipe.embed_chunks(doc_a, chunks_a, mode="naive")
+        assert np.allclose(naive, np.asarray(pipe.embed_array(chunks_a)), atol=1e-6)
+        assert not np.allclose(late, naive, atol=1e-3)  # late vectors carry their context
+        assert np.allclose(asyncio.run(pipe.aembed_chunks(doc_a, chunks_a)), late, atol=1e-6)
+        many = pipe.embed_chunks_many([(doc_a, chunks_a), (doc_b, chunks_b)], mode="naive")
+        assert [m.shape for m in many] == [(3, 384), (3, 384)] and np.allclose(many[0], naive, atol=1e-6)
+        assert np.allclose(pipe.embed_chunks_many([(doc_b, chunks_b)])[0], pipe.embed_chunks(doc_b, chunks_b))
+        with pytest.raises(ConfigurationError, match="mode='early'"):
+            pipe.embed_chunks(doc_a, chunks_a, mode="early")
