@@ -315,3 +315,56 @@ def test_the_command_line_runs_on_workers_and_lists_the_job(openai_server: OpenA
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
+
+
+def test_a_whole_worker_killed_on_redis_is_taken_over_after_the_visibility_timeout(
+        openai_server: OpenAITestServer, broker: PrivateRedis, tmp_path: Path) -> None:
+    openai_server.control.configure(latency=0.4)
+    records = make_records(80)
+    spec = _spec(openai_server, tmp_path, records)
+    app = make_app(broker.url)
+    env = {"EMBEDPIPE_TEST_VISIBILITY": "3"}  # the shipped 100 s, shortened: recovery is that plus one scan
+    first = Worker(broker.url, tmp_path, "k1", concurrency=2, app="tests.celery_app", extra_env=env)
+    second = Worker(broker.url, tmp_path, "k2", concurrency=1, app="tests.celery_app", extra_env=env)
+    with workers(first, second):
+        job = distributed.submit(spec, app=app)
+        deadline = time.monotonic() + 60
+        while job.progress().records < 20 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        first.kill()  # the main process and its pool: its unacknowledged chunks wait for the visibility timeout
+        result = job.wait(180)
+    assert result.written + result.unchanged == 80 and result.exit_code == 0
+    assert_exactly_once(tmp_path / "out", records)
+    billed = openai_server.ledger.times_billed
+    assert len(billed) == 80 and sum(billed.values()) <= 80 + 2 * 10
+
+
+def test_workers_fail_closed_when_the_shared_limiter_is_down(openai_server: OpenAITestServer, broker: PrivateRedis,
+                                                            tmp_path: Path) -> None:
+    limiter = PrivateRedis(tmp_path / "limiter")
+    (tmp_path / "limiter").mkdir()
+    limiter.start()
+    try:
+        openai_server.control.configure(latency=0.5)
+        records = make_records(200)
+        spec = _spec(openai_server, tmp_path, records, tpm=5_000_000, rpm=100_000,
+                     rate_limiter=f"{limiter.url}?key=shared&on_error=raise")
+        app = make_app(broker.url)
+        with workers(Worker(broker.url, tmp_path, "f", concurrency=2)):
+            job = distributed.submit(spec, app=app)
+            deadline = time.monotonic() + 60
+            while job.progress().records < 10 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            limiter.kill()
+            time.sleep(1.5)  # what was in flight finishes; nothing new may start without the shared limit
+            sent = openai_server.ledger.requests_total
+            time.sleep(4)
+            assert openai_server.ledger.requests_total == sent, "a worker spent without the shared limiter"
+            assert job.progress().records < 200  # the job was paused, not finished
+            limiter.start()  # back: the workers' retries go on
+            result = job.wait(120)
+    finally:
+        limiter.kill()
+    assert result.exit_code == 0
+    assert_exactly_once(tmp_path / "out", records)
+    assert set(openai_server.ledger.times_billed.values()) == {1}
