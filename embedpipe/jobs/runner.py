@@ -31,6 +31,7 @@ from embedpipe.jobs.results import JobEstimate, JobProgress, JobResult
 from embedpipe.jobs.sinks import Sink, sink_from
 from embedpipe.jobs.sources import Source, source_from
 from embedpipe.jobs.spec import DEFAULT_CHUNK_SIZE, JobSpec
+from embedpipe.jobs.spill import Spill
 from embedpipe.jobs.state import SQLiteJobStore
 from embedpipe.jobs.unit import (
     IN_FLIGHT,
@@ -180,7 +181,7 @@ class _Progress:
 
 
 def process_all(spec: JobSpec, chunks: Iterable[Chunk], *, store: SQLiteJobStore, pipeline: EmbeddingPipeline,
-                sink: Sink, progress: _Progress | None = None) -> str:
+                sink: Sink, progress: _Progress | None = None, spill: Spill | None = None) -> str:
     """Process ``chunks`` with :data:`IN_FLIGHT` at a time, settling them in order; ``"done"`` or ``"budget"``."""
     owner = default_owner()
     pending: deque[tuple[Chunk, Future[ChunkOutcome] | None]] = deque()
@@ -198,7 +199,7 @@ def process_all(spec: JobSpec, chunks: Iterable[Chunk], *, store: SQLiteJobStore
         try:
             for chunk in chunks:
                 future = (pool.submit(process_chunk, spec, chunk, store=store, pipeline=pipeline, sink=sink,
-                                      owner=owner) if chunk.records else None)
+                                      owner=owner, spill=spill) if chunk.records else None)
                 pending.append((chunk, future))
                 while pending and (len(pending) > IN_FLIGHT or pending[0][1] is None or pending[0][1].done()):
                     settle()
@@ -244,6 +245,13 @@ def run(source: SourceLike, *, out: Any = None, api_key: str | None = None, rebu
     try:
         with open_store(spec, sink, secrets=secrets_of(pipe, api_key)) as store:
             store.lock()
+            spill = None
+            if str(store.path) != ":memory:":
+                # Room for the chunks in flight, reserved before anything is sent: if the disk fills, what was
+                # paid for goes there, and the next run (this line) puts it into the cache first.
+                spill = Spill.beside(store.path, vectors=spec.chunk_size * IN_FLIGHT, dimensions=pipe.expected_dims)
+                spill.restore(pipe.cache)
+                spill.reserve()
             est = None
             if estimate_first:
                 sink.bind(pipe)
@@ -268,7 +276,7 @@ def run(source: SourceLike, *, out: Any = None, api_key: str | None = None, rebu
             before = store.latest_run()
             chunks = plan_chunks(spec, store, pipeline=pipe, sink=sink, rebuild=rebuild)
             try:
-                status = process_all(spec, chunks, store=store, pipeline=pipe, sink=sink, progress=tracker)
+                status = process_all(spec, chunks, store=store, pipeline=pipe, sink=sink, progress=tracker, spill=spill)
             except BaseException:
                 chunks.close()
                 gen = store.latest_run()
@@ -279,6 +287,8 @@ def run(source: SourceLike, *, out: Any = None, api_key: str | None = None, rebu
                 tracker.close()
             chunks.close()
             result = finish_job(spec, store, sink=sink, status=status, started=started)
+            if spill is not None:
+                spill.remove()
             return _with_estimate(result, est)
     finally:
         pipe.close()

@@ -40,6 +40,7 @@ from embedpipe.jobs.results import JobResult
 from embedpipe.jobs.sinks import Sink, sink_from
 from embedpipe.jobs.sources import source_from
 from embedpipe.jobs.spec import JobSpec
+from embedpipe.jobs.spill import DiskFullError, Spill, encoded, is_disk_full
 from embedpipe.jobs.state import Failed, SQLiteJobStore, Written, job_store_from
 from embedpipe.jobs.store import ChunkStore
 from embedpipe.owners import owner_name
@@ -290,7 +291,8 @@ class _LeaseKeeper:
 
 def process_chunk(spec: JobSpec, chunk: Chunk, *, store: ChunkStore, pipeline: EmbeddingPipeline | None = None,
                   sink: Sink | None = None, hooks: Sequence[Hook] = (), owner: str | None = None,
-                  lease_seconds: float = LEASE_SECONDS, sample_size: int | None = None) -> ChunkOutcome:
+                  lease_seconds: float = LEASE_SECONDS, sample_size: int | None = None,
+                  spill: Spill | None = None) -> ChunkOutcome:
     """Embed ``chunk``, write it to the sink and commit it, once.
 
     Idempotent: a chunk already committed returns ``"skipped"`` without any call; one whose
@@ -359,20 +361,25 @@ def process_chunk(spec: JobSpec, chunk: Chunk, *, store: ChunkStore, pipeline: E
             meta: dict[str, Any] = {}
             samples: list[tuple[float, Entry, Any]] = []
             k = sink.verify_sample if sample_size is None else sample_size
-            if ok:
-                vectors = np.asarray(arr)[ok]
-                dims = _check_dims(store, pipe.provider.spec, int(vectors.shape[1]))
-                receipt = sink.write([entries[i] for i in ok], vectors, pipe.provider.spec)
-                written = [Written(entries[i], loc) for i, loc in zip(ok, receipt.locs, strict=True)]
-                meta = {**receipt.meta, "dimensions": dims}
-                if k:
-                    rng = random.Random(cid)
-                    samples = [(rng.random(), entries[i], vectors[j]) for j, i in enumerate(ok)]
-            counts["written"] = len(written)
-            # An incomplete chunk (budget, outage) is committed for what it did but not marked done:
-            # a later run re-plans the rest.
-            store.commit(chunk.gen, written, dead, meta, chunk_id=cid if complete else None, seq=chunk.seq,
-                         counts=counts, samples=samples, sample_size=k)
+            vectors = np.asarray(arr)[ok]
+            try:
+                if ok:
+                    dims = _check_dims(store, pipe.provider.spec, int(vectors.shape[1]))
+                    receipt = sink.write([entries[i] for i in ok], vectors, pipe.provider.spec)
+                    written = [Written(entries[i], loc) for i, loc in zip(ok, receipt.locs, strict=True)]
+                    meta = {**receipt.meta, "dimensions": dims}
+                    if k:
+                        rng = random.Random(cid)
+                        samples = [(rng.random(), entries[i], vectors[j]) for j, i in enumerate(ok)]
+                counts["written"] = len(written)
+                # An incomplete chunk (budget, outage) is committed for what it did but not marked done:
+                # a later run re-plans the rest.
+                store.commit(chunk.gen, written, dead, meta, chunk_id=cid if complete else None, seq=chunk.seq,
+                             counts=counts, samples=samples, sample_size=k)
+            except Exception as exc:
+                if not is_disk_full(exc):
+                    raise
+                raise _disk_full(exc, pipe, [entries[i].record.text for i in ok], vectors, spill, sink) from exc
             committed = complete
         outcome = ChunkOutcome(cid, "budget" if budget_hit else "done", attempt, written=len(written),
                                dead=len(dead), embedded=st.embedded, cached=st.hits, tokens=st.tokens,
@@ -389,6 +396,20 @@ def process_chunk(spec: JobSpec, chunk: Chunk, *, store: ChunkStore, pipeline: E
             store.release_lease(cid, owner)
         if own:
             pipe.close()
+
+
+def _disk_full(exc: BaseException, pipe: EmbeddingPipeline, texts: list[str], vectors: np.ndarray,
+               spill: Spill | None, sink: Sink) -> DiskFullError:
+    """The error for a chunk whose vectors could not be written: the paid ones saved into the spill's room first."""
+    where = getattr(exc, "filename", None) or getattr(exc, "path", None) or sink.describe()
+    kept = 0
+    if spill is not None and texts and pipe.cache is not None:
+        keys = pipe.cache.keys_for(pipe.key_material("document"), texts, "document")
+        kept = spill.save(keys, encoded(vectors, pipe.provider.tokenizer.count(texts)))
+    saved = (f"{kept} of {len(texts)} vector(s) paid for were kept in {spill.path}; the next run puts them into the "
+             "cache first" if spill is not None and texts else "nothing paid for was lost")
+    return DiskFullError(f"no space left on device at {where}: the run stopped, checkpointed; {saved}. Free space "
+                         "and run the same command again")
 
 
 def _check_dims(store: ChunkStore, spec: str, dims: int) -> int:
