@@ -312,7 +312,7 @@ class BatchRun:
         self.token_limit = min(caps) if caps else None
         self.tokens_per_request = min(c for c in (pipe.max_batch_tokens, info.max_batch_tokens) if c) \
             if (pipe.max_batch_tokens or info.max_batch_tokens) else None
-        self.per_request = info.batch_size or 2048
+        self.per_request = pipe.batch_size  # --batch-size, else the provider's inputs-per-request cap
 
     # -------------------------------------------------------------- entry
     def through(self, chunks: Iterable[Chunk]) -> Generator[Chunk, None, None]:
