@@ -37,6 +37,7 @@ SCENARIOS = {
     "serve": "benchmarks.serve",
     "distributed": "benchmarks.distributed",
     "multimodal": "benchmarks.multimodal",
+    "batch_api": "benchmarks.batch_api",
 }
 
 REPO = Path(__file__).resolve().parents[1]
