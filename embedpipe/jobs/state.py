@@ -82,6 +82,8 @@ CREATE TABLE IF NOT EXISTS runs (
     dead INTEGER NOT NULL DEFAULT 0
 );
 """ + DEAD_LETTER_SCHEMA + """
+-- The Batch API's bookkeeping (embedpipe.jobs.batch_api): each input file, its file and batch ids and
+-- status, and the cache keys of each of its lines. New tables only: older files gain them on open.
 CREATE TABLE IF NOT EXISTS batch_files (
     plan_id TEXT PRIMARY KEY,
     job_id TEXT NOT NULL,
