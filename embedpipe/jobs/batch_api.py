@@ -32,6 +32,7 @@ import logging
 import os
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,7 @@ from embedpipe.jobs.spec import JobSpec
 from embedpipe.jobs.state import SQLiteJobStore
 from embedpipe.jobs.unit import Chunk
 from embedpipe.pipeline import EmbeddingPipeline
+from embedpipe.providers.openai import map_openai_error
 
 log = logging.getLogger("embedpipe.jobs.batch")
 
@@ -59,7 +61,11 @@ PLANNED, UPLOADED, SUBMITTING, SUBMITTED, HARVESTED = "planned", "uploaded", "su
 
 
 class BatchAPIError(EmbedPipeError):
-    """The Batch API refused or lost something embedpipe cannot carry on without."""
+    """A files or batches call failed; ``retryable`` when asking again later may succeed."""
+
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
 
 
 @dataclass(frozen=True)
@@ -386,7 +392,8 @@ class BatchRun:
         gen = self.gen if self.gen is not None else (self.store.latest_run() or 0)
         for path, items, tokens, requests in planner.files:
             data = path.read_bytes()
-            plan_id = hashlib.sha256(self.spec.job_id.encode() + data).hexdigest()[:32]
+            # A re-planned file may hold exactly what an expired one held: the id must still be new.
+            plan_id = hashlib.sha256(f"{self.spec.job_id}:{uuid.uuid4().hex}:".encode() + data).hexdigest()[:32]
             self.ledger.add(plan_id, gen, self.provider.spec, requests, tokens, len(data), items)
             self._paths[plan_id] = path
 
@@ -400,7 +407,8 @@ class BatchRun:
                 if path is None:  # planned by a process that died before uploading: planned again later
                     continue
                 with open(path, "rb") as f:
-                    uploaded = self.client.files.create(file=(f"embedpipe-{plan_id}.jsonl", f), purpose="batch")
+                    uploaded = self._api("upload", self.client.files.create,
+                                         file=(f"embedpipe-{plan_id}.jsonl", f), purpose="batch")
                 self.ledger.update(plan_id, state=UPLOADED, file_id=uploaded.id)
                 row["file_id"] = uploaded.id
                 row["state"] = UPLOADED
@@ -411,7 +419,8 @@ class BatchRun:
             else:
                 batch = self._find_batch(row["file_id"], row["created"])
             if batch is None:
-                batch = self.client.batches.create(
+                batch = self._api(
+                    "batch creation", self.client.batches.create,
                     input_file_id=row["file_id"], endpoint=self.provider.batch_endpoint,
                     completion_window=BATCH_COMPLETION_WINDOW,
                     metadata={"embedpipe_job": self.spec.job_id, "embedpipe_plan": plan_id})
@@ -419,9 +428,18 @@ class BatchRun:
             log.info("embedpipe: batch %s submitted (file %s, %d requests)", batch.id, row["file_id"],
                      row["requests"])
 
+    def _api(self, what: str, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """One files/batches call; the SDK's errors become embedpipe's (the SDK already retried)."""
+        try:
+            return call(*args, **kwargs)
+        except Exception as exc:
+            err = map_openai_error(exc)
+            raise BatchAPIError(f"the Batch API's {what} failed: {err}. What was submitted is recorded: run the "
+                                "same command again to re-attach", retryable=err.retryable) from exc
+
     def _find_batch(self, file_id: str, since: float) -> Any:
         """The batch already created from ``file_id`` (by a process killed before recording it), or None."""
-        for batch in self.client.batches.list(limit=100):
+        for batch in self._api("batch listing", self.client.batches.list, limit=100):
             if batch.input_file_id == file_id:
                 return batch
             if batch.created_at < since - 3600:  # the list is newest first: older ones cannot be ours
@@ -440,7 +458,14 @@ class BatchRun:
             self.seen.update(r["plan_id"] for r in waiting)
             changed = False
             for row in waiting:
-                batch = self.client.batches.retrieve(row["batch_id"])
+                try:
+                    batch = self._api("poll", self.client.batches.retrieve, row["batch_id"])
+                except BatchAPIError as exc:
+                    if not exc.retryable:
+                        raise
+                    # A batch waits for hours: a network blip must not end the run. The next poll asks again.
+                    log.warning("embedpipe: %s; polling again", exc)
+                    continue
                 counts = batch.request_counts
                 done = int(getattr(counts, "completed", 0) or 0) if counts is not None else 0
                 failed = int(getattr(counts, "failed", 0) or 0) if counts is not None else 0
@@ -463,9 +488,8 @@ class BatchRun:
         cached = bad = 0
         tokens = 0
         if batch.output_file_id:
-            text = self.client.files.content(batch.output_file_id).text
             writes: list[tuple[str, bytes]] = []
-            for line in text.splitlines():
+            for line in self._lines(batch.output_file_id):
                 if not line.strip():
                     continue
                 got, billed, invalid = self._read_line(line, items)
@@ -480,10 +504,14 @@ class BatchRun:
             cached += len(writes)
         errors: dict[str, int] = {}
         if batch.error_file_id:
-            for line in self.client.files.content(batch.error_file_id).text.splitlines():
+            for line in self._lines(batch.error_file_id):
                 if line.strip():
                     reason = _error_reason(line)
                     errors[reason] = errors.get(reason, 0) + 1
+        if batch.status == "failed":
+            problems = [getattr(e, "message", str(e)) for e in (getattr(batch.errors, "data", None) or [])]
+            log.warning("embedpipe: batch %s failed validation (%s); the normal API takes its texts", batch.id,
+                        "; ".join(problems[:3]) or "no reason given")
         if errors or bad:
             log.warning("embedpipe: batch %s (%s): %d line(s) failed %s, %d vector(s) invalid; the normal API "
                         "takes them", batch.id, batch.status, sum(errors.values()), errors or "", bad)
@@ -496,6 +524,17 @@ class BatchRun:
                            output_file_id=batch.output_file_id, error_file_id=batch.error_file_id,
                            completed=int(getattr(counts, "completed", 0) or 0) if counts else 0,
                            failed=int(getattr(counts, "failed", 0) or 0) if counts else 0)
+
+    def _lines(self, file_id: str) -> Iterator[str]:
+        """The lines of a batch output or error file, streamed (an output file can reach hundreds of MB)."""
+        try:
+            with self.client.files.with_streaming_response.content(file_id) as response:
+                yield from response.iter_lines()
+        except BatchAPIError:
+            raise
+        except Exception as exc:
+            raise BatchAPIError(f"downloading {file_id} failed: {map_openai_error(exc)}; run the same command "
+                                "again to download it again", retryable=True) from exc
 
     def _read_line(self, line: str, items: dict[str, list[tuple[str, int]]]) -> tuple[list[tuple[str, bytes]], int,
                                                                                        int]:
