@@ -161,8 +161,12 @@ def _print_result(result: Any, out: str) -> None:
 
 
 def _batch_printer(p: Any) -> None:
-    """The Batch API's progress: one line per poll on stderr, batches counted by status."""
-    states = ", ".join(f"{n} {s}" for s, n in sorted(p.by_status().items()))
+    """The Batch API's progress: one line per poll on stderr, each batch's status (counted when there are many)."""
+    if len(p.batches) <= 4:
+        states = ", ".join(f"{b.batch_id or b.plan_id} {b.status or b.state} {b.completed:,}/{b.requests:,}"
+                           for b in p.batches)
+    else:
+        states = ", ".join(f"{n} {s}" for s, n in sorted(p.by_status().items()))
     click.echo(f"batches: {states}; {p.completed:,}/{p.requests:,} requests done ({_duration(p.elapsed)})", err=True)
 
 

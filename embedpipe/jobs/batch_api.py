@@ -30,6 +30,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import tempfile
 import time
 import uuid
@@ -239,17 +240,18 @@ class BatchLedger:
 
 # ------------------------------------------------------------------ planning files
 class _FilePlanner:
-    """Writes request lines into batch input files, cutting files and requests at the limits."""
+    """Writes request lines into batch input files on disk, cutting files and requests at the limits."""
 
     def __init__(self, folder: Path, body: Callable[[list[str]], dict[str, Any]], url: str, limits: BatchLimits,
                  per_request: int, tokens_per_request: int | None) -> None:
         self.folder, self.body, self.url, self.limits = folder, body, url, limits
         self.per_request, self.tokens_per_request = min(per_request, limits.max_inputs), tokens_per_request
+        #: the files written: (path, items (custom_id, position, key, tokens), tokens, requests)
         self.files: list[tuple[Path, list[tuple[str, int, str, int]], int, int]] = []
         self._texts: list[tuple[str, str, int]] = []      # the request being filled: (key, text, tokens)
-        self._lines: list[bytes] = []
+        self._out: IO[bytes] | None = None
         self._items: list[tuple[str, int, str, int]] = []
-        self._size = self._inputs = self._tokens = 0
+        self._requests = self._size = self._inputs = self._tokens = 0
 
     def add(self, key: str, text: str, tokens: int) -> None:
         if self._texts and (len(self._texts) >= self.per_request or (
@@ -261,18 +263,21 @@ class _FilePlanner:
         if not self._texts:
             return
         texts, self._texts = self._texts, []
-        line = self._line(len(self._lines), texts)
+        line = self._line(self._requests, texts)
         limits = self.limits
-        if self._lines and (len(self._lines) + 1 > limits.max_requests or self._size + len(line) > limits.max_bytes
-                            or self._inputs + len(texts) > limits.max_inputs):
+        if self._requests and (self._requests + 1 > limits.max_requests or self._size + len(line) > limits.max_bytes
+                               or self._inputs + len(texts) > limits.max_inputs):
             self._close_file()
             line = self._line(0, texts)
         if len(line) > limits.max_bytes:
             raise ConfigurationError(f"one batch request of {len(texts)} texts is {len(line):,} bytes, over the "
-                                     f"{limits.max_bytes:,}-byte file limit")
-        custom_id = f"r{len(self._lines)}"
+                                     f"{limits.max_bytes:,}-byte file limit; lower --batch-size")
+        if self._out is None:
+            self._out = open(self.folder / f"batch-{len(self.files):05d}.jsonl", "wb")  # noqa: SIM115  # closed in _close_file
+        custom_id = f"r{self._requests}"
         self._items += [(custom_id, pos, key, tok) for pos, (key, _, tok) in enumerate(texts)]
-        self._lines.append(line)
+        self._out.write(line)
+        self._requests += 1
         self._size += len(line)
         self._inputs += len(texts)
         self._tokens += sum(t for *_, t in texts)
@@ -283,14 +288,12 @@ class _FilePlanner:
         return json.dumps(line, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n"
 
     def _close_file(self) -> None:
-        if not self._lines:
+        if self._out is None:
             return
-        data = b"".join(self._lines)
-        path = self.folder / f"batch-{len(self.files):05d}.jsonl"
-        path.write_bytes(data)
-        self.files.append((path, self._items, self._tokens, len(self._lines)))
-        self._lines, self._items = [], []
-        self._size = self._inputs = self._tokens = 0
+        self._out.close()
+        self.files.append((Path(self._out.name), self._items, self._tokens, self._requests))
+        self._out, self._items = None, []
+        self._requests = self._size = self._inputs = self._tokens = 0
 
     def close(self) -> None:
         self._flush_request()
@@ -325,11 +328,9 @@ class BatchRun:
         """Read ``chunks`` (spooled), run the batches to the end, then yield the chunks again."""
         with tempfile.TemporaryDirectory(prefix="embedpipe-batch-") as tmp:
             folder = Path(tmp)
-            with open(folder / "chunks.jsonl", "w+b") as spool:
+            with open(folder / "chunks.pickle", "w+b") as spool:
                 self._run(chunks, spool, folder)
-                spool.seek(0)
-                for line in spool:
-                    yield Chunk.from_dict(json.loads(line))
+                yield from self._respool(spool)
 
     def _run(self, chunks: Iterable[Chunk], spool: IO[bytes], folder: Path) -> None:
         self.client = self.provider.batch_client()
@@ -351,17 +352,23 @@ class BatchRun:
             self.client.close()
 
     def _spooled(self, chunks: Iterable[Chunk], spool: IO[bytes]) -> Iterator[Chunk]:
+        # Pickle, not the chunks' JSON: records keep their metadata exactly as the source gave it
+        # (dates, decimals), and the file is this process's own, read back by it only.
         for chunk in chunks:
             self.gen = chunk.gen
-            spool.write(json.dumps(chunk.to_dict(), ensure_ascii=False).encode("utf-8") + b"\n")
+            pickle.dump(chunk, spool, protocol=pickle.HIGHEST_PROTOCOL)
             yield chunk
         spool.flush()
 
     @staticmethod
     def _respool(spool: IO[bytes]) -> Iterator[Chunk]:
         spool.seek(0)
-        for line in spool:
-            yield Chunk.from_dict(json.loads(line))
+        while True:
+            try:
+                chunk = pickle.load(spool)  # our own spool file, written above
+            except EOFError:
+                break
+            yield chunk
         spool.seek(0, os.SEEK_END)
 
     # -------------------------------------------------------------- 1. plan
