@@ -410,6 +410,20 @@ def _target_options(fn: F) -> F:
     return fn
 
 
+@main.command("batches")
+@_target_options
+@_handle_errors
+def batches_command(out: str | None, state: str | None) -> None:
+    """The Batch API batches of a --batch-api run: ids, status, requests done and failed, vectors cached."""
+    from embedpipe.jobs.batch_api import batches
+
+    found = batches(out, state=state)
+    for b in found:
+        click.echo(f"{b.batch_id or '-':<32} {b.status or b.state:<12} {b.completed:>7,}/{b.requests:<7,} done  "
+                   f"{b.failed:>6,} failed  {b.cached:>8,} cached  file {b.file_id or '-'}")
+    click.echo(f"{len(found):,} batch(es)")
+
+
 @main.group()
 def dlq() -> None:
     """The dead-letter queue: records that failed for good, kept with their text and metadata."""

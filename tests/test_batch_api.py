@@ -212,6 +212,9 @@ def test_sigkill_while_batches_run_then_resume(tmp_path: Path) -> None:
     assert_exact(tmp_path / "out.jsonl", texts)
     assert b"batch batch_" in done.stdout and b"completed" in done.stdout  # the summary, each batch
     assert b"in_progress" in done.stderr or b"completed" in done.stderr  # the progress lines
+    listed = subprocess.run([sys.executable, "-m", "embedpipe.cli", "batches", "--out", str(tmp_path / "out.jsonl")],
+                            env=env, cwd=ROOT, capture_output=True, timeout=30)
+    assert listed.returncode == 0 and listed.stdout.decode().count(" completed ") == 3, listed.stdout
 
 
 def test_an_expired_batch_with_nothing_done_is_planned_again(tmp_path: Path, server: OpenAITestServer) -> None:

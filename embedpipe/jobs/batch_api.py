@@ -196,10 +196,11 @@ class BatchLedger:
                        (*values.values(), time.time(), plan_id))
 
     def rows(self, *states: str) -> list[dict[str, Any]]:
+        """This job's batch files (every job's when ``job_id`` is empty), oldest first, in ``states``."""
         where = f" AND state IN ({','.join('?' * len(states))})" if states else ""
         with self.store.transaction() as db:
-            cur = db.execute(f"SELECT {', '.join(self.COLUMNS)} FROM batch_files WHERE job_id=?{where} "
-                             "ORDER BY created, plan_id", (self.job_id, *states))
+            cur = db.execute(f"SELECT {', '.join(self.COLUMNS)} FROM batch_files WHERE (job_id=? OR ?=''){where} "
+                             "ORDER BY created, plan_id", (self.job_id, self.job_id, *states))
             return [dict(zip(self.COLUMNS, row, strict=True)) for row in cur.fetchall()]
 
     def items(self, plan_id: str) -> dict[str, list[tuple[str, int]]]:
@@ -606,6 +607,16 @@ def _error_reason(line: str) -> str:
         return "unreadable"
 
 
+def batches(out: Any = None, *, state: str | os.PathLike[str] | None = None) -> tuple[BatchInfo, ...]:
+    """Every batch the job whose output is ``out`` (or whose state is ``state``) has planned, oldest first."""
+    from embedpipe.jobs.dlq import open_state
+
+    st, _ = open_state(out, state, readonly=False)  # read-write: an older state file gains the tables
+    with st:
+        ledger = BatchLedger(st, "")
+        return tuple(ledger.info(r) for r in ledger.rows())
+
+
 def through_batches(spec: JobSpec, chunks: Iterable[Chunk], *, store: SQLiteJobStore, pipeline: EmbeddingPipeline,
                     options: BatchOptions) -> tuple[Generator[Chunk, None, None], BatchRun]:
     """Run the batch step over ``chunks``; the chunks come back, in order, once the batches are harvested.
@@ -618,4 +629,4 @@ def through_batches(spec: JobSpec, chunks: Iterable[Chunk], *, store: SQLiteJobS
 
 
 __all__ = ["FINAL", "BatchAPIError", "BatchLedger", "BatchLimits", "BatchOptions", "BatchProgress", "BatchRun",
-           "batch_options", "batch_provider", "through_batches"]
+           "batch_options", "batch_provider", "batches", "through_batches"]
