@@ -107,8 +107,9 @@ def estimate(source: SourceLike, *, out: Any = None, api_key: str | None = None,
 
     Reports records unchanged, metadata-only, to embed; distinct texts cached and to send;
     tokens, cost, requests and the ETA at ``rpm``/``tpm``; deletions. Without ``out`` or
-    ``state``, every record counts as new.
+    ``state``, every record counts as new. The cost is given at the direct and the batch price.
     """
+    options.pop("batch_api", None)  # both prices are always shown
     spec = _spec(source, out, options)
     sink = sink_from(spec.sink) if spec.sink is not None else None
     pipe = job_pipeline(spec, sink=sink, api_key=api_key)
