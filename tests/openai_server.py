@@ -36,6 +36,15 @@ work alike in process (:class:`ServerControl`) and out of it
     server.control.configure(nan_rows=0.01)          # 1% of rows carry a NaN
     server.control.configure(corrupt=["BAD ROW"])    # texts holding it always come back NaN
 
+The Batch API is there too: ``/v1/files`` (multipart upload, list, get, content, delete)
+and ``/v1/batches`` (create, retrieve, list newest first with ``after``/``limit``, cancel),
+also under ``/openai/`` for Azure. A batch goes validating, in_progress (its lines answered
+in order, evenly over ``batch_in_progress_s``, as the embeddings endpoint would answer them,
+``batch_line_errors`` lines failing with a 500), finalizing, completed, on a fast clock
+evaluated at each request; ``script_batches("expired@0.5", "cancelled@0.25", "failed")``
+decides the next batches' fates. Output and error files appear when a batch ends; its
+completed lines are billed at ``batch_discount`` of the list price (``ledger.billed_usd``).
+
 Vectors are deterministic (see :func:`expected_vector`), and a ledger records
 what a real provider would have billed, so tests can assert on cost as well as
 on results.
