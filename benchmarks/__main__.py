@@ -38,6 +38,7 @@ SCENARIOS = {
     "distributed": "benchmarks.distributed",
     "dupspend": "benchmarks.dupspend",
     "multimodal": "benchmarks.multimodal",
+    "batch_api": "benchmarks.batch_api",
 }
 
 REPO = Path(__file__).resolve().parents[1]

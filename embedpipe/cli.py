@@ -131,6 +131,9 @@ def _print_estimate(est: Any) -> None:
     price = (f"at ${est.price_per_1m_tokens:g} per 1M tokens" if est.price_per_1m_tokens is not None
              else "the price of this model is unknown: pass --price-per-1m-tokens")
     rows.append(("cost", _usd(est.cost_usd), price))
+    if getattr(est, "batch_price_per_1m_tokens", None) is not None:
+        rows.append(("batch cost", _usd(est.batch_cost_usd), f"with --batch-api, at ${est.batch_price_per_1m_tokens:g} "
+                     f"per 1M tokens, done within {est.batch_window}"))
     if est.eta_seconds is not None:
         limits = " and ".join(f"{name} {value:,}" for name, value in (("rpm", est.rpm), ("tpm", est.tpm)) if value)
         rows.append(("ETA", _duration(est.eta_seconds), f"at least, at {limits}"))
@@ -152,6 +155,19 @@ def _print_result(result: Any, out: str) -> None:
                    f"embedpipe dlq list --out {out}")
     if result.budget_exceeded:
         click.echo("the work done is saved: run the same command with a larger --budget-usd to carry on")
+    for b in getattr(result, "batches", ()):
+        click.echo(f"batch {b.batch_id or b.plan_id}: {b.status or b.state}, {b.completed:,}/{b.requests:,} "
+                   f"requests done, {b.failed:,} failed, {b.cached:,} vectors cached")
+
+
+def _batch_printer(p: Any) -> None:
+    """The Batch API's progress: one line per poll on stderr, each batch's status (counted when there are many)."""
+    if len(p.batches) <= 4:
+        states = ", ".join(f"{b.batch_id or b.plan_id} {b.status or b.state} {b.completed:,}/{b.requests:,}"
+                           for b in p.batches)
+    else:
+        states = ", ".join(f"{n} {s}" for s, n in sorted(p.by_status().items()))
+    click.echo(f"batches: {states}; {p.completed:,}/{p.requests:,} requests done ({_duration(p.elapsed)})", err=True)
 
 
 class _Progress:
@@ -216,9 +232,16 @@ def estimate(**kw: Any) -> None:
 @click.option("--store", help="With --workers: the Redis of the job's shared state (default: a Redis broker's URL).")
 @click.option("--audio-to-text", help="Speech-to-text for --format audio: local-whisper:tiny.en (default), "
               "local-whisper:/path, openai:whisper-1.")
+@click.option("--batch-api", is_flag=True, help="Send the uncached texts through the Batch API at half price "
+              "(openai:, azure:), done within 24 hours; a re-run re-attaches to the batches.")
+@click.option("--batch-inputs", type=click.IntRange(min=1), help="With --batch-api: most texts per batch "
+              "(default 50,000, the API's limit); smaller batches finish sooner.")
+@click.option("--batch-poll-max", type=click.FloatRange(min=0.01), default=60.0, show_default=True,
+              help="With --batch-api: most seconds between polls.")
 @_handle_errors
 def run(no_estimate: bool, progress: bool | None, workers: str | None, store: str | None,
-        audio_to_text: str | None = None, **kw: Any) -> None:
+        audio_to_text: str | None = None, batch_api: bool = False, batch_inputs: int | None = None,
+        batch_poll_max: float = 60.0, **kw: Any) -> None:
     """Embed SOURCE into --out. Run it again to resume after a crash or to pick up changes.
 
     SOURCE is a .jsonl, .csv or .parquet file, or a folder of .txt/.md files (id = the
@@ -239,9 +262,15 @@ def run(no_estimate: bool, progress: bool | None, workers: str | None, store: st
         if workers is None:
             if store is not None:
                 raise ConfigurationError("--store is for runs on --workers")
+            if batch_api:
+                args["batch_api"] = jobs.BatchOptions(
+                    limits=jobs.BatchLimits(max_inputs=batch_inputs or jobs.BatchLimits.max_inputs),
+                    poll_initial_s=min(5.0, batch_poll_max), poll_max_s=batch_poll_max, on_progress=_batch_printer)
             result = jobs.run(source, estimate_first=not no_estimate, on_estimate=_print_estimate, progress=bar,
                               **args)
         else:
+            if batch_api:
+                raise ConfigurationError("--batch-api runs in one process: drop --workers")
             result = _run_on_workers(source, args, workers, store, estimate_first=not no_estimate, progress=bar)
     finally:
         bar.close()
@@ -404,6 +433,20 @@ def _target_options(fn: F) -> F:
                       "OUT/_state.sqlite).")(fn)
     fn = click.option("--out", "-o", help="The run's --out, which locates its state.")(fn)
     return fn
+
+
+@main.command("batches")
+@_target_options
+@_handle_errors
+def batches_command(out: str | None, state: str | None) -> None:
+    """The Batch API batches of a --batch-api run: ids, status, requests done and failed, vectors cached."""
+    from embedpipe.jobs.batch_api import batches
+
+    found = batches(out, state=state)
+    for b in found:
+        click.echo(f"{b.batch_id or '-':<32} {b.status or b.state:<12} {b.completed:>7,}/{b.requests:<7,} done  "
+                   f"{b.failed:>6,} failed  {b.cached:>8,} cached  file {b.file_id or '-'}")
+    click.echo(f"{len(found):,} batch(es)")
 
 
 @main.group()

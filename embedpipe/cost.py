@@ -77,6 +77,23 @@ PRICES: dict[str, dict[str, Price]] = {
 }
 
 
+#: provider -> the share of the list price its Batch API bills, and the completion window asked for.
+#: OpenAI's Batch API bills half, within 24 hours (https://platform.openai.com/docs/guides/batch,
+#: as of 2026-12-02); Azure OpenAI's global batch deployments the same ("50% less cost than global
+#: standard", https://learn.microsoft.com/azure/ai-foundry/openai/how-to/batch, as of 2026-12-02).
+#: Voyage's batch endpoint bills a third less, but its SDK (voyageai 0.5) has no client for it: not here.
+BATCH_DISCOUNTS: dict[str, float] = {"openai": 0.5, "azure": 0.5}
+BATCH_COMPLETION_WINDOW = "24h"
+
+
+def batch_price_of(provider: str, price_per_1m_tokens: float | None) -> float | None:
+    """USD per million tokens through ``provider``'s Batch API; ``None`` without one or without a price."""
+    discount = BATCH_DISCOUNTS.get(provider)
+    if discount is None or price_per_1m_tokens is None:
+        return None
+    return price_per_1m_tokens * discount
+
+
 def price_of(provider: str, model: str) -> float | None:
     """USD per million input tokens of ``provider``'s ``model``; ``None`` when no table knows it."""
     price = PRICES.get(provider, {}).get(model)

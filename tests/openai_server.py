@@ -36,6 +36,15 @@ work alike in process (:class:`ServerControl`) and out of it
     server.control.configure(nan_rows=0.01)          # 1% of rows carry a NaN
     server.control.configure(corrupt=["BAD ROW"])    # texts holding it always come back NaN
 
+The Batch API is there too: ``/v1/files`` (multipart upload, list, get, content, delete)
+and ``/v1/batches`` (create, retrieve, list newest first with ``after``/``limit``, cancel),
+also under ``/openai/`` for Azure. A batch goes validating, in_progress (its lines answered
+in order, evenly over ``batch_in_progress_s``, as the embeddings endpoint would answer them,
+``batch_line_errors`` lines failing with a 500), finalizing, completed, on a fast clock
+evaluated at each request; ``script_batches("expired@0.5", "cancelled@0.25", "failed")``
+decides the next batches' fates. Output and error files appear when a batch ends; its
+completed lines are billed at ``batch_discount`` of the list price (``ledger.billed_usd``).
+
 Vectors are deterministic (see :func:`expected_vector`), and a ledger records
 what a real provider would have billed, so tests can assert on cost as well as
 on results.
@@ -130,6 +139,13 @@ NATIVE_DIMS: Final[Mapping[str, int]] = {
     "text-embedding-ada-002": 1536,
 }
 """Output width of OpenAI's embedding models when no ``dimensions`` is sent."""
+
+LIST_PRICES: Final[Mapping[str, float]] = {
+    "text-embedding-3-small": 0.02,
+    "text-embedding-3-large": 0.13,
+    "text-embedding-ada-002": 0.10,
+}
+"""OpenAI's list prices in USD per 1M tokens (https://openai.com/api/pricing, as of 2026-11-23)."""
 
 MAX_INPUT_TOKENS: Final = 8191
 """Longest input (in cl100k tokens) OpenAI's embedding models accept."""
@@ -363,6 +379,18 @@ class ServerConfig:
     """Seed of the generator behind ``fault_rates`` and fault details, for reproducible runs."""
     transcript: str = "the embedding pipeline caches vectors"
     """What ``/v1/audio/transcriptions`` hears in any WAV upload, its sentences spread evenly over the audio."""
+    prices: Mapping[str, float] = dataclasses.field(default_factory=lambda: dict(LIST_PRICES))
+    """USD per 1M input tokens per model, for the ledger's ``billed_usd`` (an unknown model bills $0)."""
+    batch_discount: float = 0.5
+    """Share of the list price a Batch API line is billed at (OpenAI and Azure: half)."""
+    batch_validating_s: float = 0.2
+    """Seconds a new batch stays ``validating`` (the fast clock of the batch lifecycle)."""
+    batch_in_progress_s: float = 1.0
+    """Seconds a batch spends ``in_progress``: its lines finish evenly over this time, in order."""
+    batch_finalizing_s: float = 0.2
+    """Seconds a batch stays ``finalizing`` (or ``cancelling``) before its output and error files appear."""
+    batch_line_errors: tuple[str, ...] = ()
+    """Substrings whose batch lines fail with a 500 in the error file (the same texts embed fine directly)."""
 
     def __post_init__(self) -> None:
         """Validate the values and normalise aliases and JSON shapes (lists, string keys)."""
@@ -385,7 +413,7 @@ class ServerConfig:
         if sum(rates.values()) > 1.0 + 1e-9:
             raise ValueError(f"fault rates sum to more than 1: {rates}")
         markers: dict[str, tuple[str, ...]] = {}
-        for name in ("poison", "corrupt"):
+        for name in ("poison", "corrupt", "batch_line_errors"):
             value = getattr(self, name)
             markers[name] = (value,) if isinstance(value, str) else tuple(value)
             if any(not marker for marker in markers[name]):
@@ -398,6 +426,10 @@ class ServerConfig:
         object.__setattr__(self, "fault_rates", rates)
         object.__setattr__(self, "poison", markers["poison"])
         object.__setattr__(self, "corrupt", markers["corrupt"])
+        object.__setattr__(self, "batch_line_errors", markers["batch_line_errors"])
+        object.__setattr__(self, "prices", {str(k): float(v) for k, v in self.prices.items()})
+        if not 0.0 <= self.batch_discount <= 1.0:
+            raise ValueError(f"batch_discount must be in [0, 1], got {self.batch_discount}")
         object.__setattr__(self, "model_dims", {str(k): int(v) for k, v in self.model_dims.items()})
 
     def native_dims(self, model: str) -> int:
@@ -409,6 +441,7 @@ class ServerConfig:
         data = dataclasses.asdict(self)
         data["poison"] = list(self.poison)
         data["corrupt"] = list(self.corrupt)
+        data["batch_line_errors"] = list(self.batch_line_errors)
         return data
 
 
@@ -472,6 +505,18 @@ class LedgerSnapshot:
     """Stall faults applied."""
     rows_corrupted: int = 0
     """Rows sent with a NaN because of ``nan_rows`` or ``corrupt`` (not the ``nan`` fault)."""
+    billed_usd: float = 0.0
+    """Dollars billed: direct tokens at the list price, batch lines at ``batch_discount`` of it."""
+    batch_billed_tokens: int = 0
+    """Tokens billed for Batch API lines (also counted in ``billed_tokens`` and ``times_billed``)."""
+    files_uploaded: int = 0
+    """Files uploaded to ``/v1/files``."""
+    batches_created: int = 0
+    """Batches created with ``POST /v1/batches``."""
+    batch_submissions: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    """Text -> how many created batches held it as an input (a text submitted twice shows 2)."""
+    batch_statuses: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    """Batch id -> its status when the snapshot was taken (as last advanced by a request)."""
 
     @property
     def requests_ok(self) -> int:
@@ -513,6 +558,12 @@ class _Ledger:
     requests_abandoned: int = 0
     stalls: int = 0
     rows_corrupted: int = 0
+    billed_usd: float = 0.0
+    batch_billed_tokens: int = 0
+    files_uploaded: int = 0
+    batches_created: int = 0
+    batch_submissions: Counter[str] = dataclasses.field(default_factory=Counter)
+    batch_statuses: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def snapshot(self) -> LedgerSnapshot:
         return LedgerSnapshot(
@@ -525,6 +576,12 @@ class _Ledger:
             requests_abandoned=self.requests_abandoned,
             stalls=self.stalls,
             rows_corrupted=self.rows_corrupted,
+            billed_usd=self.billed_usd,
+            batch_billed_tokens=self.batch_billed_tokens,
+            files_uploaded=self.files_uploaded,
+            batches_created=self.batches_created,
+            batch_submissions=dict(self.batch_submissions),
+            batch_statuses=dict(self.batch_statuses),
         )
 
 
@@ -586,6 +643,11 @@ class ServerControl(_FaultShortcuts):
         self._requests: TokenBucket | None = None
         self._tokens: TokenBucket | None = None
         self._rebuild_buckets()
+        # Batch state has its own lock: advancing a batch embeds its lines, which takes ``_lock``.
+        self._batch_lock = threading.RLock()
+        self._files: dict[str, _StoredFile] = {}
+        self._batches: dict[str, _Batch] = {}
+        self._batch_fates: deque[str] = deque()
 
     # -- public API ---------------------------------------------------------
 
@@ -650,10 +712,182 @@ class ServerControl(_FaultShortcuts):
             self._ledger = _Ledger()
             self._rng = random.Random(self._initial.seed)
             self._rebuild_buckets()
+        with self._batch_lock:
+            self._files.clear()
+            self._batches.clear()
+            self._batch_fates.clear()
+
+    def script_batches(self, *fates: str) -> None:
+        """Decide the fate of the next batches created, one each: ``"completed"`` (the default),
+        ``"failed"``, ``"expired@0.5"`` (half its lines done, then the window runs out) or
+        ``"cancelled@0.5"`` (cancelled once half its lines are done)."""
+        for fate in fates:
+            _parse_fate(fate)
+        with self._batch_lock:
+            self._batch_fates.extend(fates)
 
     def state(self) -> dict[str, Any]:
         """Return configuration and pending script as JSON-compatible data (what ``/_control`` answers)."""
         return {"config": self._config.to_json(), "pending_faults": list(self.pending_faults)}
+
+    # -- files and batches ----------------------------------------------------
+
+    def _add_file(self, filename: str, purpose: str, data: bytes, *, uploaded: bool = True) -> _StoredFile:
+        stored = _StoredFile(f"file-{uuid.uuid4().hex[:24]}", filename, purpose, data, int(time.time()))
+        with self._batch_lock:
+            self._files[stored.id] = stored
+        if uploaded:
+            with self._lock:
+                self._ledger.files_uploaded += 1
+        return stored
+
+    def _file(self, file_id: str) -> _StoredFile:
+        with self._batch_lock:
+            stored = self._files.get(file_id)
+        if stored is None:
+            raise _APIError(404, f"No such File object: {file_id}", param="file_id")
+        return stored
+
+    def _create_batch(self, input_file_id: str, endpoint: str, window: str,
+                      metadata: dict[str, str] | None) -> _Batch:
+        with self._batch_lock:
+            stored = self._files.get(input_file_id)
+            if stored is None:
+                raise _APIError(404, f"No such File object: {input_file_id}", param="input_file_id")
+            if stored.purpose != "batch":
+                raise _APIError(400, f"File {input_file_id} was not uploaded with purpose 'batch'.",
+                                param="input_file_id")
+            if endpoint not in _BATCH_ENDPOINTS:
+                raise _APIError(400, f"Invalid endpoint {endpoint!r}; this server batches {_BATCH_ENDPOINTS}.",
+                                param="endpoint")
+            if window != "24h":
+                raise _APIError(400, f"Invalid completion_window {window!r}: only '24h' is supported.",
+                                param="completion_window")
+            lines, invalid = _validate_batch_file(stored.data, endpoint)
+            fate, share = _parse_fate(self._batch_fates.popleft() if self._batch_fates else "completed")
+            batch = _Batch(f"batch_{uuid.uuid4().hex[:24]}", input_file_id, endpoint, window, metadata,
+                           int(time.time()), time.monotonic(), lines, fate=fate, stop_fraction=share,
+                           invalid=invalid)
+            self._batches[batch.id] = batch
+        with self._lock:
+            self._ledger.batches_created += 1
+            for line in lines:
+                raw = line["body"].get("input")
+                for text in raw if isinstance(raw, list) else [raw]:
+                    if isinstance(text, str):
+                        self._ledger.batch_submissions[text] += 1
+            self._ledger.batch_statuses[batch.id] = batch.status
+        return batch
+
+    def _batch(self, batch_id: str) -> _Batch:
+        with self._batch_lock:
+            batch = self._batches.get(batch_id)
+            if batch is None:
+                raise _APIError(404, f"No such Batch object: {batch_id}", param="batch_id")
+            self._advance(batch)
+            return batch
+
+    def _cancel_batch(self, batch_id: str) -> _Batch:
+        with self._batch_lock:
+            batch = self._batch(batch_id)
+            if batch.status in BATCH_FINAL or batch.status == "cancelling":
+                if batch.status != "cancelled":
+                    raise _APIError(409, f"Cannot cancel a batch with status '{batch.status}'.")
+                return batch
+            batch.cancel_requested = time.monotonic()
+            self._advance(batch)
+            return batch
+
+    def _advance(self, batch: _Batch) -> None:
+        """Move ``batch`` along the fast clock: validating, in_progress (lines done evenly, in order),
+        finalizing, then completed; or expired/cancelled part-way (as scripted or asked), or failed."""
+        config = self._config
+        now = time.monotonic()
+        if batch.status in BATCH_FINAL:
+            return
+        t_in = batch.started + config.batch_validating_s
+        if now < t_in and batch.cancel_requested is None:
+            return
+        if batch.invalid or batch.fate == "failed":
+            self._finish(batch, "failed", ())
+            return
+        n = len(batch.lines)
+        span = config.batch_in_progress_s
+        limit = n if batch.fate == "completed" else math.floor(n * batch.stop_fraction)
+        until = now
+        if batch.cancel_requested is not None:
+            until = min(now, batch.cancel_requested)
+            limit = min(limit, n if span <= 0 else max(0, math.floor((batch.cancel_requested - t_in) / span * n)))
+        if batch.status == "validating":
+            batch.status = "in_progress"
+            batch.stamps["in_progress"] = int(time.time())
+        due = n if span <= 0 else max(0, min(n, math.floor((until - t_in) / span * n)))
+        target = min(due, limit)
+        while batch.done < target:
+            self._run_line(batch, batch.lines[batch.done])
+            batch.done += 1
+        stopped = batch.cancel_requested is not None or batch.fate in ("expired", "cancelled")
+        if batch.done < n and not (stopped and batch.done >= limit):
+            self._note_status(batch)
+            return
+        end = t_in + (batch.done / n * span if n else 0.0)
+        if batch.cancel_requested is not None:
+            end = max(end, batch.cancel_requested) if batch.fate == "completed" else min(end, batch.cancel_requested)
+        if batch.done < n and batch.fate == "expired" and batch.cancel_requested is None:
+            # The window ran out: what was done is kept (and billed), the rest is reported expired.
+            self._finish(batch, "expired", batch.lines[batch.done:], code="batch_expired",
+                         message="This request could not be executed before the completion window expired.")
+            return
+        closing = "finalizing" if batch.done == n else "cancelling"
+        if closing not in batch.stamps:
+            batch.status = closing
+            batch.stamps[closing] = int(time.time())
+        if now < end + config.batch_finalizing_s:
+            self._note_status(batch)
+            return
+        if closing == "finalizing":
+            self._finish(batch, "completed", ())
+        else:
+            self._finish(batch, "cancelled", batch.lines[batch.done:], code="batch_cancelled",
+                         message="This request was not executed because the batch was cancelled.")
+
+    def _run_line(self, batch: _Batch, line: dict[str, Any]) -> None:
+        """Answer one batch line as the embeddings endpoint would (billed at the batch price)."""
+        config = self._config
+        custom_id = str(line["custom_id"])
+        try:
+            parsed = _parse_request(line["body"], config)
+            if any(marker in text for text in parsed.texts for marker in config.batch_line_errors):
+                raise _APIError(500, "The server had an error while processing your request.", type="server_error")
+        except _APIError as error:
+            batch.failed += 1
+            batch.errors.append(_batch_line(custom_id, status=error.status, body=json.dumps(error.body).encode()))
+            return
+        payload = _build_payload(parsed, None, self)
+        self._bill(parsed.texts, parsed.token_counts, parsed.model, batch=True)
+        batch.completed += 1
+        batch.output.append(_batch_line(custom_id, status=200, body=payload))
+
+    def _finish(self, batch: _Batch, status: str, left: Sequence[dict[str, Any]], *, code: str = "",
+                message: str = "") -> None:
+        for line in left:
+            batch.failed += 1
+            batch.errors.append(_batch_line(str(line["custom_id"]), error={"code": code, "message": message}))
+        if batch.output:
+            out = self._add_file(f"{batch.id}_output.jsonl", "batch_output", ("\n".join(batch.output) + "\n").encode(),
+                                uploaded=False)
+            batch.output_file_id = out.id
+        if batch.errors:
+            err = self._add_file(f"{batch.id}_error.jsonl", "batch_output", ("\n".join(batch.errors) + "\n").encode(),
+                                uploaded=False)
+            batch.error_file_id = err.id
+        batch.status = status
+        batch.stamps[status] = int(time.time())
+        self._note_status(batch)
+
+    def _note_status(self, batch: _Batch) -> None:
+        with self._lock:
+            self._ledger.batch_statuses[batch.id] = batch.status
 
     # -- used by the app ----------------------------------------------------
 
@@ -750,12 +984,18 @@ class ServerControl(_FaultShortcuts):
         with self._lock:
             self._ledger.status_counts[status] += 1
 
-    def _bill(self, texts: Sequence[str], token_counts: Sequence[int]) -> None:
+    def _bill(self, texts: Sequence[str], token_counts: Sequence[int], model: str | None = None, *,
+              batch: bool = False) -> None:
         with self._lock:
             for text, count in zip(texts, token_counts, strict=True):
                 self._ledger.times_billed[text] += 1
                 self._ledger.tokens_billed[text] += count
                 self._ledger.billed_tokens += count
+            total = sum(token_counts)
+            price = self._config.prices.get(model or "", 0.0) * (self._config.batch_discount if batch else 1.0)
+            self._ledger.billed_usd += total * price / 1_000_000
+            if batch:
+                self._ledger.batch_billed_tokens += total
 
     def _note(self, event: Literal["dropped", "abandoned", "stall"]) -> None:
         with self._lock:
@@ -765,6 +1005,149 @@ class ServerControl(_FaultShortcuts):
                 self._ledger.requests_abandoned += 1
             else:
                 self._ledger.stalls += 1
+
+
+
+# --------------------------------------------------------------------------
+# Files and batches (the Batch API)
+# --------------------------------------------------------------------------
+
+# OpenAI's Batch API limits (https://platform.openai.com/docs/guides/batch, as of 2026-12-02).
+BATCH_MAX_REQUESTS: Final = 50_000
+"""Most lines in one batch input file."""
+BATCH_MAX_BYTES: Final = 200 * 1024 * 1024
+"""Largest batch input file."""
+BATCH_MAX_EMBEDDING_INPUTS: Final = 50_000
+"""Most embedding inputs over all the lines of one batch."""
+BATCH_FINAL: Final = frozenset({"completed", "expired", "cancelled", "failed"})
+"""Statuses a batch never leaves."""
+_BATCH_ENDPOINTS: Final = ("/v1/embeddings", "/embeddings")
+
+
+@dataclasses.dataclass
+class _StoredFile:
+    id: str
+    filename: str
+    purpose: str
+    data: bytes
+    created_at: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "object": "file", "bytes": len(self.data), "created_at": self.created_at,
+                "filename": self.filename, "purpose": self.purpose, "status": "processed", "status_details": None}
+
+
+@dataclasses.dataclass
+class _Batch:
+    """One batch and where its lifecycle stands; advanced lazily by :meth:`ServerControl._advance`."""
+
+    id: str
+    input_file_id: str
+    endpoint: str
+    completion_window: str
+    metadata: dict[str, str] | None
+    created_at: int
+    started: float
+    lines: list[dict[str, Any]]
+    fate: str = "completed"
+    stop_fraction: float = 1.0
+    invalid: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    status: str = "validating"
+    done: int = 0
+    completed: int = 0
+    failed: int = 0
+    output: list[str] = dataclasses.field(default_factory=list)
+    errors: list[str] = dataclasses.field(default_factory=list)
+    stamps: dict[str, int] = dataclasses.field(default_factory=dict)
+    cancel_requested: float | None = None
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        stamp = self.stamps.get
+        return {
+            "id": self.id, "object": "batch", "endpoint": self.endpoint,
+            "errors": {"object": "list", "data": self.invalid} if self.invalid else None,
+            "input_file_id": self.input_file_id, "completion_window": self.completion_window,
+            "status": self.status, "output_file_id": self.output_file_id, "error_file_id": self.error_file_id,
+            "created_at": self.created_at, "in_progress_at": stamp("in_progress"),
+            "expires_at": self.created_at + 24 * 3600, "finalizing_at": stamp("finalizing"),
+            "completed_at": stamp("completed"), "failed_at": stamp("failed"), "expired_at": stamp("expired"),
+            "cancelling_at": stamp("cancelling"), "cancelled_at": stamp("cancelled"),
+            "request_counts": {"total": len(self.lines), "completed": self.completed, "failed": self.failed},
+            "metadata": self.metadata,
+        }
+
+
+def _parse_fate(fate: str) -> tuple[str, float]:
+    """``"completed"``, ``"failed"``, ``"expired@0.5"`` or ``"cancelled@0.5"`` (the share of lines done first)."""
+    name, _, share = fate.partition("@")
+    if name not in ("completed", "failed", "expired", "cancelled"):
+        raise ValueError(f"unknown batch fate {fate!r}: completed, failed, expired@SHARE or cancelled@SHARE")
+    fraction = float(share) if share else (1.0 if name == "completed" else 0.0)
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"batch fate {fate!r}: the share must be in [0, 1]")
+    return name, fraction
+
+
+def _validate_batch_file(data: bytes, endpoint: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The lines of a batch input file, and the validation errors OpenAI would report for it."""
+    errors: list[dict[str, Any]] = []
+
+    def bad(code: str, message: str, line: int | None = None) -> None:
+        errors.append({"code": code, "message": message, "param": None, "line": line})
+
+    if len(data) > BATCH_MAX_BYTES:
+        bad("file_too_large", f"The input file is {len(data)} bytes; the limit is {BATCH_MAX_BYTES}.")
+    lines: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    models: set[str] = set()
+    inputs = 0
+    for number, raw in enumerate(data.decode("utf-8", "replace").splitlines(), 1):
+        if not raw.strip():
+            continue
+        try:
+            line = json.loads(raw)
+        except ValueError:
+            bad("invalid_json_line", "This line is not parseable as valid JSON.", number)
+            continue
+        custom_id = line.get("custom_id") if isinstance(line, dict) else None
+        body = line.get("body") if isinstance(line, dict) else None
+        if not isinstance(custom_id, str) or not isinstance(body, dict):
+            bad("missing_required_parameter", "Each line needs a custom_id and a body.", number)
+            continue
+        if custom_id in seen:
+            bad("duplicate_custom_id", f"The custom_id {custom_id!r} is not unique in the file.", number)
+        seen.add(custom_id)
+        if line.get("method") != "POST" or line.get("url") != endpoint:
+            bad("invalid_url", f"The line's url must be {endpoint!r} with method POST.", number)
+        models.add(str(body.get("model")))
+        raw_input = body.get("input")
+        inputs += len(raw_input) if isinstance(raw_input, list) and not all(
+            isinstance(v, int) for v in raw_input) else 1
+        lines.append(line)
+    if len(lines) > BATCH_MAX_REQUESTS:
+        bad("too_many_requests", f"The file holds {len(lines)} requests; the limit is {BATCH_MAX_REQUESTS}.")
+    if len(models) > 1:
+        bad("mismatched_model", f"All lines of a batch must use one model; found {sorted(models)}.")
+    if inputs > BATCH_MAX_EMBEDDING_INPUTS:
+        bad("too_many_inputs", f"The batch holds {inputs} embedding inputs; the limit is "
+            f"{BATCH_MAX_EMBEDDING_INPUTS}.")
+    if not lines and not errors:
+        bad("empty_file", "The input file holds no requests.")
+    return lines, errors
+
+
+def _batch_line(custom_id: str, *, status: int | None = None, body: bytes | None = None,
+                error: Mapping[str, str] | None = None) -> str:
+    """One line of an output or error file (the body is spliced in as sent, NaN tokens included)."""
+    head = {"id": f"batch_req_{uuid.uuid4().hex[:24]}", "custom_id": custom_id}
+    prefix = json.dumps(head)[:-1]
+    if status is None:
+        return f'{prefix}, "response": null, "error": {json.dumps(dict(error or {}))}}}'
+    payload = (body or b"{}").decode()
+    response = f'{{"status_code": {status}, "request_id": "req_{uuid.uuid4().hex}", "body": {payload}}}'
+    return f'{prefix}, "response": {response}, "error": null}}'
 
 
 # --------------------------------------------------------------------------
@@ -1026,6 +1409,20 @@ class _EmbeddingsApp:
             Route("/v1/audio/transcriptions", self._transcriptions, methods=["POST"]),
             Route("/v1/models", self._models, methods=["GET"]),
             Route("/models", self._models, methods=["GET"]),
+            *[
+                route
+                for prefix in ("/v1", "/openai", "")
+                for route in (
+                    Route(f"{prefix}/files", self._files_create, methods=["POST"]),
+                    Route(f"{prefix}/files", self._files_list, methods=["GET"]),
+                    Route(f"{prefix}/files/{{file_id}}", self._files_get, methods=["GET", "DELETE"]),
+                    Route(f"{prefix}/files/{{file_id}}/content", self._files_content, methods=["GET"]),
+                    Route(f"{prefix}/batches", self._batches_create, methods=["POST"]),
+                    Route(f"{prefix}/batches", self._batches_list, methods=["GET"]),
+                    Route(f"{prefix}/batches/{{batch_id}}", self._batches_get, methods=["GET"]),
+                    Route(f"{prefix}/batches/{{batch_id}}/cancel", self._batches_cancel, methods=["POST"]),
+                )
+            ],
             Route("/_ledger", self._ledger, methods=["GET"]),
             Route("/_control", self._control, methods=["GET", "POST"]),
         ]
@@ -1165,7 +1562,7 @@ class _EmbeddingsApp:
                 return self._abandon(outcome)
 
             payload = await asyncio.to_thread(_build_payload, parsed, fault, control)
-            control._bill(parsed.texts, parsed.token_counts)
+            control._bill(parsed.texts, parsed.token_counts, parsed.model)
             if fault == "drop_after":
                 control._note("dropped")
                 return _DropConnection()
@@ -1242,11 +1639,99 @@ class _EmbeddingsApp:
         }
         return _json_response(200, json.dumps(body).encode(), self.control._rate_headers())
 
+    # -- files and batches ----------------------------------------------------
+
+    @staticmethod
+    def _api(handler: Callable[..., Any]) -> Callable[[Any, Request], Any]:
+        """Answer an :class:`_APIError` raised by a files/batches handler in OpenAI's error shape."""
+
+        @functools.wraps(handler)
+        async def wrapper(self: _EmbeddingsApp, request: Request) -> Response:
+            try:
+                body = await handler(self, request)
+            except _APIError as error:
+                return _json_response(error.status, json.dumps(error.body).encode(), error.headers)
+            return _json_response(200, json.dumps(body).encode(), {"x-request-id": f"req_{uuid.uuid4().hex}"})
+
+        return wrapper
+
+    @_api
+    async def _files_create(self, request: Request) -> Any:
+        async with request.form() as form:  # closes the upload's spooled file
+            upload, purpose = form.get("file"), form.get("purpose")
+            if upload is None or isinstance(upload, str) or not isinstance(purpose, str) or not purpose:
+                raise _APIError(400, "a multipart 'file' and a 'purpose' are required", param="file")
+            data, filename = await upload.read(), upload.filename or "upload.jsonl"
+        return self.control._add_file(filename, purpose, data).to_json()
+
+    @_api
+    async def _files_list(self, request: Request) -> Any:
+        purpose = request.query_params.get("purpose")
+        with self.control._batch_lock:
+            files = [f.to_json() for f in self.control._files.values() if purpose in (None, f.purpose)]
+        return {"object": "list", "data": files, "has_more": False}
+
+    @_api
+    async def _files_get(self, request: Request) -> Any:
+        stored = self.control._file(request.path_params["file_id"])
+        if request.method == "DELETE":
+            with self.control._batch_lock:
+                self.control._files.pop(stored.id, None)
+            return {"id": stored.id, "object": "file", "deleted": True}
+        return stored.to_json()
+
+    async def _files_content(self, request: Request) -> Response:
+        try:
+            stored = self.control._file(request.path_params["file_id"])
+        except _APIError as error:
+            return _json_response(error.status, json.dumps(error.body).encode(), {})
+        return Response(stored.data, media_type="application/octet-stream")
+
+    @_api
+    async def _batches_create(self, request: Request) -> Any:
+        try:
+            body = json.loads(await request.body())
+        except ValueError as error:
+            raise _APIError(400, "We could not parse the JSON body of your request.") from error
+        if not isinstance(body, dict) or not isinstance(body.get("input_file_id"), str):
+            raise _APIError(400, "'input_file_id' is a required property", param="input_file_id")
+        metadata = body.get("metadata")
+        batch = await asyncio.to_thread(self.control._create_batch, body["input_file_id"], str(body.get("endpoint")),
+                                        str(body.get("completion_window")),
+                                        metadata if isinstance(metadata, dict) else None)
+        return batch.to_json()
+
+    @_api
+    async def _batches_get(self, request: Request) -> Any:
+        # Advancing a batch embeds its due lines: CPU work, kept off the loop.
+        batch = await asyncio.to_thread(self.control._batch, request.path_params["batch_id"])
+        return batch.to_json()
+
+    @_api
+    async def _batches_cancel(self, request: Request) -> Any:
+        batch = await asyncio.to_thread(self.control._cancel_batch, request.path_params["batch_id"])
+        return batch.to_json()
+
+    @_api
+    async def _batches_list(self, request: Request) -> Any:
+        """Newest first, paginated with ``after`` and ``limit`` as OpenAI's list is."""
+        control = self.control
+        with control._batch_lock:
+            ids = list(reversed(control._batches))
+        after = request.query_params.get("after")
+        if after in ids:
+            ids = ids[ids.index(after) + 1 :]
+        limit = int(request.query_params.get("limit") or 20)
+        page = [(await asyncio.to_thread(control._batch, b)).to_json() for b in ids[:limit]]
+        return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+                "last_id": page[-1]["id"] if page else None, "has_more": len(ids) > limit}
+
     async def _ledger(self, request: Request) -> Response:
         return _json_response(200, json.dumps(self.control.ledger.to_json()).encode(), {})
 
     async def _control(self, request: Request) -> Response:
-        """Apply ``{"reset", "reset_ledger", "clear_faults", "configure", "script"}`` in that order."""
+        """Apply ``{"reset", "reset_ledger", "clear_faults", "configure", "script", "script_batches"}`` in that
+        order."""
         control = self.control
         if request.method == "POST":
             try:
@@ -1261,6 +1746,8 @@ class _EmbeddingsApp:
                     control.configure(**ops["configure"])
                 if ops.get("script"):
                     control.script(*ops["script"])
+                if ops.get("script_batches"):
+                    control.script_batches(*ops["script_batches"])
             except (ValueError, TypeError, AttributeError) as error:
                 body = {"error": {"message": str(error), "type": "invalid_request_error", "param": None, "code": None}}
                 return _json_response(400, json.dumps(body).encode(), {})
@@ -1472,6 +1959,10 @@ class RemoteControl(_FaultShortcuts):
     def clear_faults(self) -> None:
         """Drop scripted faults and fault rates, and leave quota exhaustion."""
         self._post(clear_faults=True)
+
+    def script_batches(self, *fates: str) -> None:
+        """Decide the fate of the next batches created (see :meth:`ServerControl.script_batches`)."""
+        self._post(script_batches=list(fates))
 
     def reset_ledger(self) -> None:
         """Zero the ledger."""

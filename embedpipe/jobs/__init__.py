@@ -18,6 +18,7 @@ and :func:`plan_chunks`, :func:`process_chunk` and :func:`finish_job` are its st
 
 from __future__ import annotations
 
+from embedpipe.jobs.batch_api import BatchLimits, BatchOptions, BatchProgress
 from embedpipe.jobs.cache_transfer import export_cache, import_cache
 from embedpipe.jobs.dlq import RetryResult, dead_letters, purge_dead_letters, retry_dead_letters
 from embedpipe.jobs.errors import (
@@ -31,7 +32,7 @@ from embedpipe.jobs.errors import (
 )
 from embedpipe.jobs.records import Entry, Record
 from embedpipe.jobs.repair import RepairResult, repair
-from embedpipe.jobs.results import JobEstimate, JobProgress, JobResult
+from embedpipe.jobs.results import BatchInfo, JobEstimate, JobProgress, JobResult
 from embedpipe.jobs.runner import estimate, run
 from embedpipe.jobs.sinks import JSONLSink, ParquetSink, Receipt, Sink, sink_from
 from embedpipe.jobs.sources import (
@@ -49,6 +50,10 @@ from embedpipe.jobs.store import JobStore
 from embedpipe.jobs.unit import Chunk, ChunkOutcome, finish_job, plan_chunks, process_chunk
 
 __all__ = [
+    "BatchInfo",
+    "BatchLimits",
+    "BatchOptions",
+    "BatchProgress",
     "DEFAULT_CHUNK_SIZE",
     "BudgetRefusedError",
     "DamagedOutputError",

@@ -26,6 +26,10 @@ class JobEstimate:
     price_per_1m_tokens: float | None = None
     rpm: int | None = None
     tpm: int | None = None
+    #: the same tokens through the Batch API (``--batch-api``), when the provider has one
+    batch_price_per_1m_tokens: float | None = None
+    batch_cost_usd: float | None = None
+    batch_window: str | None = None  #: the completion window a batch is given (``"24h"``)
 
     @property
     def cached_share(self) -> float:
@@ -58,6 +62,22 @@ class JobProgress:
 
 
 @dataclass(frozen=True)
+class BatchInfo:
+    """One Batch API batch of a run, as the job's state last saw it."""
+
+    plan_id: str
+    state: str            #: embedpipe's step: planned, uploaded, submitting, submitted, harvested
+    status: str | None    #: the batch's status at the API (validating … completed, expired, cancelled, failed)
+    batch_id: str | None
+    file_id: str | None
+    requests: int         #: lines in its input file
+    inputs: int           #: texts in them
+    completed: int        #: lines done
+    failed: int           #: lines in the error file
+    cached: int = 0       #: vectors validated and written to the cache from its output file
+
+
+@dataclass(frozen=True)
 class JobResult:
     """What a run did. ``exit_code``: 0 all embedded, 3 finished with new dead letters, 4 stopped at the budget."""
 
@@ -81,6 +101,7 @@ class JobResult:
     budget_exceeded: bool  #: stopped (checkpointed) before crossing the budget
     estimate: JobEstimate | None = None
     job_id: str | None = None  #: the :attr:`JobSpec.job_id <embedpipe.jobs.JobSpec.job_id>`
+    batches: tuple[BatchInfo, ...] = ()  #: with ``batch_api``: the batches this run submitted or re-attached to
 
     @property
     def completed(self) -> bool:
@@ -99,4 +120,4 @@ class JobResult:
         return 3 if self.dead_letters else 0
 
 
-__all__ = ["JobEstimate", "JobProgress", "JobResult"]
+__all__ = ["BatchInfo", "JobEstimate", "JobProgress", "JobResult"]

@@ -23,11 +23,12 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from embedpipe.cost import cost_of
+from embedpipe.cost import BATCH_COMPLETION_WINDOW, batch_price_of, cost_of
 from embedpipe.events import Event, LimiterWaited, RateLimited, RequestDone
+from embedpipe.jobs.batch_api import batch_options, batch_provider, through_batches
 from embedpipe.jobs.errors import BudgetRefusedError
 from embedpipe.jobs.records import chunked
-from embedpipe.jobs.results import JobEstimate, JobProgress, JobResult
+from embedpipe.jobs.results import BatchInfo, JobEstimate, JobProgress, JobResult
 from embedpipe.jobs.sinks import Sink, sink_from
 from embedpipe.jobs.sources import Source, source_from
 from embedpipe.jobs.spec import DEFAULT_CHUNK_SIZE, JobSpec
@@ -92,11 +93,14 @@ def estimate_pass(spec: JobSpec, store: SQLiteJobStore, pipe: EmbeddingPipeline,
     eta = None
     if rpm or tpm:
         eta = max(requests / rpm * 60 if rpm else 0.0, tokens / tpm * 60 if tpm else 0.0)
+    batch_price = batch_price_of(pipe.provider.name, pipe.price_per_1m_tokens)
     return JobEstimate(model=pipe.provider.spec, records=n, unchanged=unchanged, metadata_only=meta_only,
                        to_embed=to_embed, cached=cached, to_send=unique - cached, invalid=invalid, dead=dead,
                        deletions=max(0, store.count() - known) if spec.delete_missing else 0, tokens=tokens,
                        cost_usd=cost_of(tokens, pipe.price_per_1m_tokens), requests=requests, eta_seconds=eta,
-                       price_per_1m_tokens=pipe.price_per_1m_tokens, rpm=rpm, tpm=tpm)
+                       price_per_1m_tokens=pipe.price_per_1m_tokens, rpm=rpm, tpm=tpm,
+                       batch_price_per_1m_tokens=batch_price, batch_cost_usd=cost_of(tokens, batch_price),
+                       batch_window=BATCH_COMPLETION_WINDOW if batch_price is not None else None)
 
 
 # ------------------------------------------------------------------ public API
@@ -106,8 +110,9 @@ def estimate(source: SourceLike, *, out: Any = None, api_key: str | None = None,
 
     Reports records unchanged, metadata-only, to embed; distinct texts cached and to send;
     tokens, cost, requests and the ETA at ``rpm``/``tpm``; deletions. Without ``out`` or
-    ``state``, every record counts as new.
+    ``state``, every record counts as new. The cost is given at the direct and the batch price.
     """
+    options.pop("batch_api", None)  # both prices are always shown
     spec = _spec(source, out, options)
     sink = sink_from(spec.sink) if spec.sink is not None else None
     pipe = job_pipeline(spec, sink=sink, api_key=api_key)
@@ -235,14 +240,22 @@ def run(source: SourceLike, *, out: Any = None, api_key: str | None = None, rebu
     the run the budget stops it cleanly, checkpointed (``result.budget_exceeded``): that is
     the only check when ``estimate_first=False``.
 
+    ``batch_api=True`` (or a :class:`~embedpipe.jobs.BatchOptions`) sends the uncached texts
+    through the provider's Batch API at its batch price (OpenAI, Azure OpenAI: half), within
+    a 24-hour window, before the chunks are written; see :mod:`embedpipe.jobs.batch_api`.
+    The budget is then checked against the batch price.
+
     Raises :class:`~embedpipe.jobs.JobConflictError` when ``out`` holds another model's
     vectors (pass ``rebuild=True``), :class:`~embedpipe.jobs.JobAbortedError` when the API
     fails every request of a chunk (an outage: what was done is kept).
     """
+    batch = batch_options(options.pop("batch_api", None))
     spec = _spec(source, out, options)
     sink = sink_from(spec.sink)
     pipe = job_pipeline(spec, sink=sink, api_key=api_key)
     try:
+        if batch is not None:
+            batch_provider(pipe)  # refused here, before anything is read or sent
         with open_store(spec, sink, secrets=secrets_of(pipe, api_key)) as store:
             store.lock()
             spill = None
@@ -263,9 +276,10 @@ def run(source: SourceLike, *, out: Any = None, api_key: str | None = None, rebu
                     est = estimate_pass(spec, view, pipe, sink)
                 if on_estimate is not None:
                     on_estimate(est)
-                if spec.budget_usd is not None and est.cost_usd is not None and est.cost_usd > spec.budget_usd:
+                cost = est.batch_cost_usd if batch is not None else est.cost_usd  # a batch run pays the batch price
+                if spec.budget_usd is not None and cost is not None and cost > spec.budget_usd:
                     raise BudgetRefusedError(
-                        f"the estimate for the uncached part, ${est.cost_usd:.6f} ({est.tokens:,} tokens), exceeds "
+                        f"the estimate for the uncached part, ${cost:.6f} ({est.tokens:,} tokens), exceeds "
                         f"the budget of ${spec.budget_usd:.6f}; nothing was sent", est, spec.budget_usd)
             total = est.records if est is not None else None
             if total is None and progress is not None:
@@ -275,8 +289,12 @@ def run(source: SourceLike, *, out: Any = None, api_key: str | None = None, rebu
             started = time.time()
             before = store.latest_run()
             chunks = plan_chunks(spec, store, pipeline=pipe, sink=sink, rebuild=rebuild)
+            batches = None
             try:
-                status = process_all(spec, chunks, store=store, pipeline=pipe, sink=sink, progress=tracker, spill=spill)
+                if batch is not None:
+                    chunks, batches = through_batches(spec, chunks, store=store, pipeline=pipe, options=batch)
+                status = process_all(spec, chunks, store=store, pipeline=pipe, sink=sink, progress=tracker,
+                                     spill=spill)
             except BaseException:
                 chunks.close()
                 gen = store.latest_run()
@@ -289,15 +307,15 @@ def run(source: SourceLike, *, out: Any = None, api_key: str | None = None, rebu
             result = finish_job(spec, store, sink=sink, status=status, started=started)
             if spill is not None:
                 spill.remove()
-            return _with_estimate(result, est)
+            return _with_estimate(result, est, batches.infos() if batches is not None else ())
     finally:
         pipe.close()
 
 
-def _with_estimate(result: JobResult, est: JobEstimate | None) -> JobResult:
+def _with_estimate(result: JobResult, est: JobEstimate | None, batches: tuple[BatchInfo, ...] = ()) -> JobResult:
     import dataclasses
 
-    return dataclasses.replace(result, estimate=est)
+    return dataclasses.replace(result, estimate=est, batches=batches)
 
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "JobEstimate", "JobProgress", "JobResult", "estimate", "estimate_pass",

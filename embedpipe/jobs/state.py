@@ -81,7 +81,41 @@ CREATE TABLE IF NOT EXISTS runs (
     cost_usd REAL,
     dead INTEGER NOT NULL DEFAULT 0
 );
-""" + DEAD_LETTER_SCHEMA
+""" + DEAD_LETTER_SCHEMA + """
+-- The Batch API's bookkeeping (embedpipe.jobs.batch_api): each input file, its file and batch ids and
+-- status, and the cache keys of each of its lines. New tables only: older files gain them on open.
+CREATE TABLE IF NOT EXISTS batch_files (
+    plan_id TEXT PRIMARY KEY,
+    job_id TEXT NOT NULL,
+    gen INTEGER NOT NULL,
+    model TEXT NOT NULL,
+    requests INTEGER NOT NULL,
+    inputs INTEGER NOT NULL,
+    tokens INTEGER NOT NULL,
+    bytes INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    file_id TEXT,
+    batch_id TEXT,
+    batch_status TEXT,
+    output_file_id TEXT,
+    error_file_id TEXT,
+    completed INTEGER NOT NULL DEFAULT 0,
+    failed INTEGER NOT NULL DEFAULT 0,
+    cached INTEGER NOT NULL DEFAULT 0,
+    created REAL NOT NULL,
+    updated REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS batch_files_state ON batch_files(state);
+CREATE TABLE IF NOT EXISTS batch_items (
+    plan_id TEXT NOT NULL,
+    custom_id TEXT NOT NULL,
+    position INTEGER NOT NULL,
+    key TEXT NOT NULL,
+    tokens INTEGER NOT NULL,
+    PRIMARY KEY (plan_id, custom_id, position)
+);
+CREATE INDEX IF NOT EXISTS batch_items_key ON batch_items(key);
+"""
 _SQL_VARS = 900  # below SQLite's historical 999 bound-parameter limit
 #: the state file's layout. 1: before the job unit. 2 adds chunk states and leases, the read-back
 #: sample, per-run counts and the chunk order of each record; a version-1 file migrates in place.

@@ -86,6 +86,15 @@ class AzureOpenAIProvider(OpenAIProvider):
         # The deployment (in the spec) and resource URL name the vector space; the API version does not.
         return {"base_url": self.base_url, "model": self.model_name}
 
+    def batch_client(self) -> Any:
+        """A sync ``AzureOpenAI`` client for the Batch API (``/openai/files``, ``/openai/batches``)."""
+        import openai
+
+        return openai.AzureOpenAI(
+            api_key=self._api_key or None, azure_ad_token_provider=self.azure_ad_token_provider,
+            api_version=self.api_version, max_retries=3, timeout=self.timeout,
+            default_headers=self.default_headers or None, azure_endpoint=self.azure_endpoint)
+
     def _get_client(self) -> Any:
         if self._client is None:
             import openai

@@ -256,6 +256,42 @@ class OpenAIProvider(Provider):
             raise InvalidResponseError(f"server returned vectors of differing lengths {sorted(lengths)}")
         return np.stack(rows).astype(np.float32, copy=False)
 
+    # ------------------------------------------------------------------ the Batch API (embedpipe.jobs.batch_api)
+    #: where a batch's lines go (``batches.create(endpoint=...)`` and each line's ``url``)
+    batch_endpoint = "/v1/embeddings"
+
+    def batch_client(self) -> Any:
+        """A sync SDK client for the Batch API's files and batches calls.
+
+        The SDK retries these few control calls itself (``max_retries=3``): they are not
+        embeddings requests, so embedpipe's retry policy and limiter do not apply to them.
+        """
+        import openai
+
+        return openai.OpenAI(api_key=self._api_key, base_url=self.base_url, max_retries=3, timeout=self.timeout,
+                             organization=self.organization, default_headers=self.default_headers or None)
+
+    def batch_body(self, texts: list[str]) -> dict[str, Any]:
+        """The body of one batch line: the embeddings request :meth:`aembed_batch` would send."""
+        body: dict[str, Any] = {"model": self.model, "input": texts, "encoding_format": "base64"}
+        if self.requested_dimensions is not None:
+            body["dimensions"] = self.requested_dimensions
+        return body
+
+    def parse_batch_body(self, body: Any, n: int) -> tuple[np.ndarray, int | None]:
+        """The (n, d) vectors and billed tokens of one output line's body; raises InvalidResponseError."""
+        from types import SimpleNamespace
+
+        try:
+            if not isinstance(body, dict) or not isinstance(body.get("data"), list):
+                raise TypeError("the body has no data list")
+            items = [SimpleNamespace(**d) if isinstance(d, dict) else d for d in body["data"]]
+            usage = body.get("usage")
+            response = SimpleNamespace(data=items, usage=SimpleNamespace(**usage) if isinstance(usage, dict) else None)
+            return self._decode(response, n), _usage(response)
+        except Exception as exc:  # whatever a broken line makes parsing raise
+            raise malformed_response(exc) from exc
+
     def close(self) -> None:
         client, self._client = self._client, None
         if client is None:
