@@ -219,3 +219,63 @@ def decode_quantized_many(values: Sequence[bytes], dims: int | None,
     arr = np.frombuffer(b"".join(rows), dtype=np_dtype).reshape(len(rows), width).copy()
     q = QuantizedArray(dtype, d_out, arr, np.asarray(scales, dtype=np.float32))
     return DecodedQuantized(good, q, tokens), bad
+
+
+# ---------------------------------------------------------------------------------- one pipeline's format
+class ValueFormat:
+    """How one pipeline stores its vectors: float32, or a compact ``output_dtype`` (header version 2).
+
+    The engine encodes and decodes through this, and always works on float32: a compact
+    value decodes to its float view (:func:`~embedpipe.quantize.dequantize`), and a fresh
+    vector is put through the same round trip (:meth:`roundtrip`), so a vector is the same
+    whether it came from the provider or the cache. ``native``: the provider returns this
+    type itself (its integers come back exactly, scale 1).
+    """
+
+    def __init__(self, dtype: OutputDtype = "float32", *, native: bool = False) -> None:
+        self.dtype = dtype
+        self.native = native
+
+    @property
+    def compact(self) -> bool:
+        return self.dtype != "float32"
+
+    def quantized(self, vectors: np.ndarray) -> QuantizedArray:
+        """The compact form of float ``vectors`` (the provider's own integers when ``native``)."""
+        from embedpipe.quantize import from_native, quantize
+
+        arr = np.asarray(vectors, dtype=np.float32)
+        if self.native and self.dtype in ("int8", "uint8"):
+            # A native int8/uint8 float view holds the provider's integers (its scale is 1): take them back.
+            offset = 0 if self.dtype == "int8" else 128  # dequantize gives uint8 as (v - 128) * scale
+            return from_native(self.dtype, np.rint(arr).astype(np.int64) + offset, dimensions=arr.shape[1])
+        return quantize(arr, self.dtype)
+
+    def roundtrip(self, vectors: np.ndarray) -> np.ndarray:
+        """``vectors`` as this format gives them back (unchanged for float32)."""
+        if not self.compact:
+            return vectors
+        from embedpipe.quantize import dequantize
+
+        return dequantize(self.quantized(np.atleast_2d(vectors))).reshape(np.shape(vectors))
+
+    def encode_many(self, vectors: np.ndarray, tokens: Sequence[int]) -> list[bytes]:
+        if not self.compact:
+            return encode_many(vectors, tokens)
+        return encode_quantized(self.quantized(np.atleast_2d(vectors)), tokens)
+
+    def encode(self, vector: np.ndarray, tokens: int) -> bytes:
+        return self.encode_many(np.asarray(vector, dtype=np.float32)[None, :], [tokens])[0]
+
+    def decode_many(self, values: Sequence[bytes], dims: int | None) -> tuple[Decoded, list[int]]:
+        """Decode to float32 rows (see :func:`decode_many`); a value of another type counts as corrupt."""
+        if not self.compact:
+            return decode_many(values, dims)
+        from embedpipe.quantize import dequantize
+
+        q, bad = decode_quantized_many(values, dims, self.dtype)
+        vectors = dequantize(q.vectors) if len(q.positions) else np.empty((0, dims or 0), dtype=np.float32)
+        return Decoded(q.positions, vectors, q.tokens), bad
+
+
+FLOAT32 = ValueFormat()

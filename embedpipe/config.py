@@ -82,6 +82,7 @@ class PipelineConfig:
     audio_to_text: Any = None
     #: the longest stretch of a recording embedded as one chunk, in seconds
     audio_window_s: float = 30.0
+    output_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if self.on_long_input not in ("split", "truncate", "error"):
@@ -94,6 +95,9 @@ class PipelineConfig:
                 raise ConfigurationError(f"{name}={value!r} must be a positive integer")
         if self.max_rate_limit_wait is not None and not self.max_rate_limit_wait >= 0:
             raise ConfigurationError(f"max_rate_limit_wait={self.max_rate_limit_wait!r} must be >= 0 seconds or None")
+        from embedpipe.quantize import check_output_dtype
+
+        check_output_dtype(self.output_dtype)
         if not self.audio_window_s > 0:
             raise ConfigurationError(f"audio_window_s={self.audio_window_s!r} must be > 0 seconds")
         if not isinstance(self.max_retries, int) or self.max_retries < 0:

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import weakref
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
 
-from embedpipe import _runner
+from embedpipe import _runner, codec
 from embedpipe._signature import check_keywords
 from embedpipe.cache import CacheBackend, default_cache_url, resolve_cache
 from embedpipe.config import DEFAULT_CACHE, PipelineConfig
@@ -25,10 +26,14 @@ from embedpipe.errors import ConfigurationError, InputTypeError, PipelineClosedE
 from embedpipe.events import Hook, Hooks
 from embedpipe.inputs import Audio, Input
 from embedpipe.providers import Provider, Role, provider_from_spec
+from embedpipe.quantize import QuantizedArray
 from embedpipe.stats import Stats
 from embedpipe.transcribers import Segment, Transcriber, transcriber_from
 
 _DEFAULT: Any = object()
+
+
+log = logging.getLogger("embedpipe")
 
 
 class EmbeddingPipeline:
@@ -58,7 +63,8 @@ class EmbeddingPipeline:
                  errors: Errors = "raise", cache_queries: bool = True, retry_wait: Any = None,
                  sleep: Callable[[float], Awaitable[None]] | None = None, hooks: Iterable[Hook] = (),
                  credentials: str | None = None, provider_options: dict[str, Any] | None = None,
-                 precision: str | None = None, audio_to_text: Any = None, audio_window_s: float = 30.0) -> None:
+                 precision: str | None = None, audio_to_text: Any = None, audio_window_s: float = 30.0,
+                 output_dtype: str = "float32") -> None:
         config = PipelineConfig(
             model=model, dimensions=dimensions, cache=DEFAULT_CACHE if cache is _DEFAULT else cache,
             namespace=namespace, batch_size=batch_size, max_concurrency=max_concurrency, rpm=rpm, tpm=tpm,
@@ -68,7 +74,7 @@ class EmbeddingPipeline:
             base_url=base_url, errors=errors, cache_queries=cache_queries, credentials=credentials,
             provider_options={**(provider_options or {}), **({"precision": precision} if precision else {})},
             hooks=tuple(hooks), retry_wait=retry_wait, sleep=sleep, audio_to_text=audio_to_text,
-            audio_window_s=audio_window_s)
+            audio_window_s=audio_window_s, output_dtype=output_dtype)
         self._setup(config, api_key)
 
     @classmethod
@@ -88,6 +94,8 @@ class EmbeddingPipeline:
             key = api_key or config.secret("api_key")
             opts: dict[str, Any] = {"dimensions": config.dimensions, "api_key": key, "base_url": config.base_url,
                                     "timeout": config.timeout, **config.provider_options}
+            if config.output_dtype != "float32":
+                opts["output_dtype"] = config.output_dtype  # the providers that return it natively ask for it
             provider = provider_from_spec(config.model, **{k: v for k, v in opts.items() if v is not None})
         self.provider = provider
         info = provider.info
@@ -120,15 +128,17 @@ class EmbeddingPipeline:
                                          if str(config.audio_to_text).startswith("openai:") else {}))
             audio = AudioStage(self.transcriber, self.cache, window_seconds=config.audio_window_s)
         namespace = config.namespace if config.namespace is not None else (self.cache.namespace if self.cache else None)
+        native = config.output_dtype in getattr(provider, "native_output_dtypes", frozenset())
         self._engine = Engine(
             provider=provider, cache=self.cache, limiter=self.rate_limiter, budget=Budget(config.budget_usd, price),
             hooks=Hooks(config.hooks), dimensions=config.dimensions, namespace=namespace,
-            batch_size=config.batch_size or info.batch_size,
+            batch_size=_batch_size(config.batch_size, info, provider.spec),
             max_batch_tokens=config.max_batch_tokens or info.max_batch_tokens,
             max_concurrency=config.max_concurrency or info.default_concurrency, max_retries=config.max_retries,
             retry_wait=config.retry_wait, sleep=config.sleep, on_long_input=config.on_long_input,  # type: ignore[arg-type]
             errors=config.errors, cache_queries=config.cache_queries, price_per_1m=price,  # type: ignore[arg-type]
-            max_rate_limit_wait=config.max_rate_limit_wait, audio=audio)
+            max_rate_limit_wait=config.max_rate_limit_wait, audio=audio,
+            value_format=codec.ValueFormat(config.output_dtype, native=native))  # type: ignore[arg-type]
         self._closed = False
         # Close only what this pipeline built from a spec or URL: objects passed in belong
         # to the caller, who may share them between pipelines.
@@ -212,6 +222,31 @@ class EmbeddingPipeline:
         self._open()
         out, failures, _, _ = await _runner.run_async(self._engine.run_async(_one(text), "query"))
         return None if failures else out[0].tolist()  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------ compact output types
+    @property
+    def value_format(self) -> codec.ValueFormat:
+        """How this pipeline's vectors are stored: float32, or its compact ``output_dtype``."""
+        return self._engine.value_format
+
+    def embed_quantized(self, texts: Sequence[Input], *, role: Role = "document") -> QuantizedArray:
+        """Embed into the pipeline's ``output_dtype``: int8/uint8 with a scale per vector, or packed sign bits.
+
+        The provider's own integers where it returns the type natively (Cohere, Voyage, Bedrock),
+        else embedpipe's quantization of the float vectors; cached compactly either way.
+        ``embed``/``embed_array`` give the same vectors as float32 (dequantized). A failure raises.
+        """
+        if not self.value_format.compact:
+            raise ConfigurationError("this pipeline's output_dtype is float32: use embed_array, or pass "
+                                     "output_dtype='int8' (uint8, binary, ubinary)")
+        return self.value_format.quantized(np.asarray(self.embed_array(texts, role=role, errors="raise")))
+
+    async def aembed_quantized(self, texts: Sequence[Input], *, role: Role = "document") -> QuantizedArray:
+        """Async twin of :meth:`embed_quantized`."""
+        if not self.value_format.compact:
+            raise ConfigurationError("this pipeline's output_dtype is float32: use aembed_array")
+        arr = await self.aembed_array(texts, role=role, errors="raise")
+        return self.value_format.quantized(np.asarray(arr))
 
     # ------------------------------------------------------------------ chunks of one document
     def embed_chunks(self, document: str, chunks: Sequence[str] | Sequence[tuple[int, int]], *,
@@ -315,6 +350,16 @@ class EmbeddingPipeline:
     def __repr__(self) -> str:
         cache = type(self.cache).__name__ if self.cache else None
         return f"EmbeddingPipeline(model={self.provider.spec!r}, dimensions={self.dimensions}, cache={cache})"
+
+
+def _batch_size(asked: int | None, info: Any, spec: str) -> int:
+    """The inputs per request: what was asked, or the provider's; never above what its API accepts."""
+    size = int(asked or info.batch_size)
+    limit = info.max_batch_size
+    if limit is not None and size > limit:
+        log.warning("embedpipe: batch_size=%d is more than %s accepts in one request; using %d", size, spec, limit)
+        size = limit
+    return size
 
 
 def _mode(mode: str) -> Any:

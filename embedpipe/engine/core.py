@@ -130,8 +130,10 @@ class Engine:
                  max_batch_tokens: int | None, max_concurrency: int, max_retries: int, retry_wait: Any,
                  sleep: Callable[[float], Any] | None, on_long_input: OnLongInput, errors: Errors,
                  cache_queries: bool, price_per_1m: float | None, max_rate_limit_wait: float | None = 300.0,
-                 audio: AudioStage | None = None) -> None:
+                 audio: AudioStage | None = None, value_format: codec.ValueFormat = codec.FLOAT32) -> None:
         self.provider = provider
+        #: how vectors are stored in the cache (float32, or the pipeline's compact output_dtype)
+        self.value_format = value_format
         self.info = provider.info
         self.spec = provider.spec
         self.cache = cache
@@ -191,6 +193,8 @@ class Engine:
         cached = self._materials.get(str(r))
         if cached is None:
             identity = dict(self.provider.identity())
+            if self.value_format.compact:
+                identity["output_dtype"] = self.value_format.dtype  # compact values are another cache entry
             if self.namespace is not None:
                 # A namespace names the vector space instead of the server URL, so the same
                 # model behind several URLs (a proxy, a replica) shares one cache.
@@ -256,7 +260,7 @@ class Engine:
         """Apply cache values read when the engine's completion count was ``epoch``; count hits, misses,
         corrupt values; return the misses."""
         call.read_epoch = epoch
-        misses, corrupt, hit_tokens = apply_hits(call, values, self.expected_dims)
+        misses, corrupt, hit_tokens = apply_hits(call, values, self.expected_dims, self.value_format)
         if corrupt:
             log.warning("embedpipe: %d cache value(s) failed to decode (corrupt, foreign or wrong dims); "
                         "re-embedding them", corrupt)
@@ -449,7 +453,7 @@ class Engine:
         if values is None:
             return list(range(len(call.unique)))
         present = [u for u, v in enumerate(values) if v is not None]
-        decoded, _ = codec.decode_many([values[u] for u in present], self.expected_dims)  # type: ignore[misc]
+        decoded, _ = self.value_format.decode_many([values[u] for u in present], self.expected_dims)  # type: ignore[misc]
         hit = {present[p] for p in decoded.positions}
         return [u for u in range(len(call.unique)) if u not in hit]
 
@@ -579,7 +583,8 @@ class Engine:
         present = [k for k, v in enumerate(values) if v is not None]
         if not present:
             return us
-        decoded, _ = codec.decode_many([values[k] for k in present], self.expected_dims)  # type: ignore[misc]
+        decoded, _ = self.value_format.decode_many([values[k] for k in present],  # type: ignore[misc]
+                                                   self.expected_dims)
         found = 0
         hit_tokens = 0
         for row, (pos, tok) in enumerate(zip(decoded.positions, decoded.tokens, strict=True)):
@@ -600,6 +605,8 @@ class Engine:
             self._semaphore = asyncio.Semaphore(self.max_concurrency)
         sem = self._semaphore
 
+        fmt = self.value_format
+
         async def deliver(batch: list[Piece], vectors: np.ndarray | None, failure: Failure | None) -> None:
             finished: list[int] = []
             for k, p in enumerate(batch):
@@ -615,6 +622,8 @@ class Engine:
                 vec = combine(parts.pop(u))
                 if vec is None:
                     continue
+                if fmt.compact:
+                    vec = fmt.roundtrip(vec)  # the same vector a later cache read gives back
                 call.vectors[u] = vec
                 call.unique_failures.pop(u, None)
                 embedded += 1
@@ -622,7 +631,7 @@ class Engine:
                 if fut is not None and not fut.done():
                     fut.set_result(vec)
                 if call.keys is not None:
-                    items.append((call.keys[u], codec.encode(vec, call.tokens[u])))
+                    items.append((call.keys[u], fmt.encode(vec, call.tokens[u])))
             if embedded:
                 call.stats.add(embedded=embedded)
             if items:

@@ -185,13 +185,14 @@ def _raise_invalid(inputs: list[Any], bad_type: list[int], empty: list[int], not
                             sorted(empty + not_utf8 + wrong_kind + list(unreadable)))
 
 
-def apply_hits(call: Call, values: Sequence[bytes | None], expected_dims: int | None) -> tuple[list[int], int, int]:
-    """Decode cache values into ``call``; return the unique indices still to embed, the number of
-    corrupt values, and the tokens the hits stand for."""
+def apply_hits(call: Call, values: Sequence[bytes | None], expected_dims: int | None,
+               fmt: codec.ValueFormat = codec.FLOAT32) -> tuple[list[int], int, int]:
+    """Decode cache values (stored in ``fmt``) into ``call``; return the unique indices still to embed,
+    the number of corrupt values, and the tokens the hits stand for."""
     present = [u for u, v in enumerate(values) if v is not None]
     corrupt: list[int] = []
     if present:
-        decoded, bad = codec.decode_many([values[u] for u in present], expected_dims)  # type: ignore[misc]
+        decoded, bad = fmt.decode_many([values[u] for u in present], expected_dims)  # type: ignore[misc]
         call.hit_block = decoded.vectors
         for row, (pos, tok) in enumerate(zip(decoded.positions, decoded.tokens, strict=True)):
             u = present[pos]

@@ -31,9 +31,11 @@ import numpy as np
 
 from embedpipe import registry
 from embedpipe._urls import URL, file_url, parse_url
+from embedpipe.codec import FLOAT32, ValueFormat
 from embedpipe.errors import ConfigurationError
 from embedpipe.jobs.errors import DamagedOutputError
 from embedpipe.jobs.records import Entry
+from embedpipe.quantize import packed_width
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -66,6 +68,8 @@ class Sink:
     updates_metadata: bool = True
     #: how many ids :meth:`verify` reads back after a run (0: the sink needs no check)
     verify_sample: int = 0
+    #: the ``output_dtype``\ s this sink can store (a pipeline asking for another is refused before the run)
+    output_dtypes: frozenset[str] = frozenset({"float32"})
 
     def default_state_path(self) -> Path | None:
         """Where this sink's state lives when none is given (``None``: the caller must say)."""
@@ -142,28 +146,54 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def _schema(dims: int) -> pa.Schema:
+def _vector_type(dims: int, dtype: str = "float32") -> pa.DataType:
     import pyarrow as pa
 
-    return pa.schema([("id", pa.string()), ("vector", pa.list_(pa.float32(), dims)),
-                      ("content_hash", pa.string()), ("model", pa.string()), ("dimensions", pa.int32()),
+    if dtype in ("binary", "ubinary"):
+        return pa.binary(packed_width(dims))  # fixed_size_binary(d/8): the bits, packed
+    if dtype == "int8":
+        return pa.list_(pa.int8(), dims)
+    if dtype == "uint8":
+        return pa.list_(pa.uint8(), dims)
+    return pa.list_(pa.float32(), dims)
+
+
+def _schema(dims: int, dtype: str = "float32") -> pa.Schema:
+    import pyarrow as pa
+
+    fields = [("id", pa.string()), ("vector", _vector_type(dims, dtype))]
+    if dtype in ("int8", "uint8"):
+        # vector * scale approximates the float vector; for uint8, (vector - 128) * scale
+        fields.append(("scale", pa.float32()))
+    return pa.schema([*fields, ("content_hash", pa.string()), ("model", pa.string()), ("dimensions", pa.int32()),
                       ("metadata", pa.string())])
 
 
-def vectors_table(entries: Sequence[Entry], vectors: np.ndarray, model: str) -> pa.Table:
-    """The output rows of ``entries`` as an Arrow table."""
+def vectors_table(entries: Sequence[Entry], vectors: np.ndarray, model: str,
+                  fmt: ValueFormat = FLOAT32) -> pa.Table:
+    """The output rows of ``entries`` as an Arrow table, the vectors in ``fmt``'s type."""
     import pyarrow as pa
 
     n, dims = vectors.shape
-    flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1), type=pa.float32())
-    return pa.Table.from_arrays([
-        pa.array([e.record.id for e in entries], pa.string()),
-        pa.FixedSizeListArray.from_arrays(flat, dims),
+    columns: list[Any] = [pa.array([e.record.id for e in entries], pa.string())]
+    if not fmt.compact:
+        flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1), type=pa.float32())
+        columns.append(pa.FixedSizeListArray.from_arrays(flat, dims))
+    else:
+        q = fmt.quantized(vectors)
+        if fmt.dtype in ("binary", "ubinary"):
+            columns.append(pa.array([row.tobytes() for row in q.values], _vector_type(dims, fmt.dtype)))
+        else:
+            flat = pa.array(np.ascontiguousarray(q.values).reshape(-1))
+            columns.append(pa.FixedSizeListArray.from_arrays(flat, dims))
+            columns.append(pa.array(q.scales, pa.float32()))
+    columns += [
         pa.array([e.content_hash.hex() for e in entries], pa.string()),
         pa.array([model] * n, pa.string()),
         pa.array(np.full(n, dims, dtype=np.int32), pa.int32()),
         pa.array([e.metadata_json for e in entries], pa.string()),
-    ], schema=_schema(dims))
+    ]
+    return pa.Table.from_arrays(columns, schema=_schema(dims, fmt.dtype))
 
 
 class ParquetSink(Sink):
@@ -177,8 +207,11 @@ class ParquetSink(Sink):
     updates do not pile up tiny files.
     """
 
+    output_dtypes = frozenset({"float32", "int8", "uint8", "binary", "ubinary"})
+
     def __init__(self, path: str | os.PathLike[str], *, part_rows: int = 5000, small_rows: int = 500) -> None:
         self.path = Path(path)
+        self.format = FLOAT32
         self.part_rows = part_rows
         self.small_rows = small_rows
         self._prefix = ""
@@ -257,9 +290,12 @@ class ParquetSink(Sink):
         with self._atomic(name) as tmp:
             pq.write_table(table, tmp, write_page_checksum=True)
 
+    def bind(self, pipeline: EmbeddingPipeline) -> None:
+        self.format = pipeline.value_format
+
     def write(self, entries: Sequence[Entry], vectors: np.ndarray, model: str) -> Receipt:
         name = self._new_name()
-        self._write_atomic(vectors_table(entries, vectors, model), name)
+        self._write_atomic(vectors_table(entries, vectors, model, self.format), name)
         return Receipt([name] * len(entries))
 
     def compact(self, state: JobState) -> None:
@@ -283,7 +319,7 @@ class ParquetSink(Sink):
         dims = state.get("dimensions")
         if not self.parts() and dims:
             # An empty output still has its columns, so readers get the schema, not an empty frame.
-            self._write_atomic(_schema(int(dims)).empty_table(), "part-empty.parquet")
+            self._write_atomic(_schema(int(dims), self.format.dtype).empty_table(), "part-empty.parquet")
         _fsync_dir(self.path)
 
     def _rewrite(self, part: Path, state: JobState) -> None:
@@ -356,6 +392,8 @@ class JSONLSink(Sink):
     a crash at any point either finishes it or leaves the old file whole.
     """
 
+    output_dtypes = frozenset({"float32", "int8", "uint8", "binary", "ubinary"})
+
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self._bytes = 0
@@ -398,9 +436,14 @@ class JSONLSink(Sink):
         with open(self.path, "ab") as f:
             f.truncate(self._bytes)
 
+    def bind(self, pipeline: EmbeddingPipeline) -> None:
+        self.format = pipeline.value_format
+
     def write(self, entries: Sequence[Entry], vectors: np.ndarray, model: str) -> Receipt:
         dims = int(vectors.shape[1])
-        rows = vectors.tolist()
+        fmt = getattr(self, "format", FLOAT32)
+        # Compact types are written as the provider's integers (packed bytes for bits), as their APIs answer.
+        rows = fmt.quantized(vectors).tolist() if fmt.compact else vectors.tolist()
         data = "".join(
             json.dumps({"id": e.record.id, "vector": v, "content_hash": e.content_hash.hex(), "model": model,
                         "dimensions": dims, "metadata": e.record.metadata},

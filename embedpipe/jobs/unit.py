@@ -229,6 +229,10 @@ def plan_chunks(spec: JobSpec, store: SQLiteJobStore, *, pipeline: EmbeddingPipe
     pipe = pipeline or job_pipeline(spec, sink=sink)
     try:
         spec_name = pipe.provider.spec
+        dtype = pipe.value_format.dtype
+        if dtype not in sink.output_dtypes:
+            raise ConfigurationError(f"{sink!r} cannot store {dtype} vectors (it takes {sorted(sink.output_dtypes)}); "
+                                     "use a Parquet or JSONL output, or output_dtype='float32'")
         sink.bind(pipe)
         if rebuild:
             store.reset()

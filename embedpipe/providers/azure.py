@@ -29,7 +29,8 @@ class AzureOpenAIProvider(OpenAIProvider):
     # Azure's documented input limit: 2048 inputs per request for text-embedding-3 and ada-002 v2
     # (https://learn.microsoft.com/azure/ai-foundry/openai/reference, as of 2026-12-02); the same
     # 300,000 tokens per request as OpenAI's API.
-    info = ProviderInfo(batch_size=2048, max_batch_tokens=300_000, default_concurrency=8, handles_dimensions=True)
+    info = ProviderInfo(batch_size=2048, max_batch_size=2048,
+                        max_batch_tokens=300_000, default_concurrency=8, handles_dimensions=True)
 
     def __init__(self, deployment: str, *, model: str | None = None, dimensions: int | None = None,
                  api_key: str | None = None, base_url: str | None = None, azure_endpoint: str | None = None,

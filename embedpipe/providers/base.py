@@ -53,6 +53,8 @@ class ProviderInfo:
     modalities: frozenset[str] = frozenset({"text"})
     price_per_1m_units: float | None = None
     dimensions: int | None = None
+    #: inputs the API refuses to take in one request (``None``: no such limit); ``batch_size=`` is capped there
+    max_batch_size: int | None = None
 
 
 class Tokenizer(Protocol):

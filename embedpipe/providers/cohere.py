@@ -72,7 +72,7 @@ class CohereProvider(Provider):
 
     name = "cohere"
     # At most 96 texts per call (https://docs.cohere.com/reference/embed, as of 2026-12-02).
-    info = ProviderInfo(batch_size=96, default_concurrency=8, role_sensitive=True)
+    info = ProviderInfo(batch_size=96, max_batch_size=96, default_concurrency=8, role_sensitive=True)
     #: output types Cohere returns itself (``embedding_types``)
     native_output_dtypes = frozenset({"int8", "uint8", "binary", "ubinary"})
 

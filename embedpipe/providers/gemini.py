@@ -94,7 +94,8 @@ class GeminiProvider(Provider):
     name = "gemini"
     # At most 100 requests per batchEmbedContents call
     # (https://ai.google.dev/api/embeddings#method:-models.batchembedcontents, as of 2026-12-02).
-    info = ProviderInfo(batch_size=100, default_concurrency=4, role_sensitive=True, handles_dimensions=True)
+    info = ProviderInfo(batch_size=100, max_batch_size=100,
+                        default_concurrency=4, role_sensitive=True, handles_dimensions=True)
 
     def __init__(self, model: str, *, dimensions: int | None = None, api_key: str | None = None,
                  base_url: str | None = None, timeout: float | None = 60.0, task_type: str | None = None,

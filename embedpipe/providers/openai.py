@@ -143,7 +143,8 @@ class OpenAIProvider(Provider):
     # OpenAI's documented request limits: 2048 inputs and 300,000 tokens per request
     # (https://platform.openai.com/docs/api-reference/embeddings/create, as of 2026-11-23).
     # The server reduces dimensions itself (Matryoshka via the ``dimensions`` parameter).
-    info = ProviderInfo(batch_size=2048, max_batch_tokens=300_000, default_concurrency=8, handles_dimensions=True)
+    info = ProviderInfo(batch_size=2048, max_batch_size=2048,
+                        max_batch_tokens=300_000, default_concurrency=8, handles_dimensions=True)
 
     def __init__(self, model: str, *, dimensions: int | None = None, api_key: str | None = None,
                  base_url: str | None = None, timeout: float | None = 60.0,

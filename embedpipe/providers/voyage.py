@@ -80,7 +80,7 @@ class VoyageProvider(Provider):
 
     name = "voyage"
     # At most 1,000 inputs per request (https://docs.voyageai.com/reference/embeddings-api, as of 2026-12-02).
-    info = ProviderInfo(batch_size=1000, default_concurrency=8, role_sensitive=True)
+    info = ProviderInfo(batch_size=1000, max_batch_size=1000, default_concurrency=8, role_sensitive=True)
     #: output types Voyage returns itself (``output_dtype``)
     native_output_dtypes = frozenset({"int8", "uint8", "binary", "ubinary"})
 
