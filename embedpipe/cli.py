@@ -227,6 +227,8 @@ def estimate(**kw: Any) -> None:
 @click.option("--no-estimate", is_flag=True, help="Skip reading the source once to estimate first (a budget is "
               "then enforced only during the run).")
 @click.option("--progress/--no-progress", default=None, help="Show a progress bar (default: on a terminal).")
+@click.option("--metrics-port", type=click.IntRange(1, 65535), help="Serve Prometheus /metrics on this port "
+              "(127.0.0.1) while the run goes (pip install 'embedpipe[serve]').")
 @click.option("--workers", help="Run on Celery workers: celery+redis://host:6379/0 or celery+amqp://host// "
               "(start them with embedpipe worker).")
 @click.option("--store", help="With --workers: the Redis of the job's shared state (default: a Redis broker's URL).")
@@ -241,7 +243,7 @@ def estimate(**kw: Any) -> None:
 @_handle_errors
 def run(no_estimate: bool, progress: bool | None, workers: str | None, store: str | None,
         audio_to_text: str | None = None, batch_api: bool = False, batch_inputs: int | None = None,
-        batch_poll_max: float = 60.0, **kw: Any) -> None:
+        batch_poll_max: float = 60.0, metrics_port: int | None = None, **kw: Any) -> None:
     """Embed SOURCE into --out. Run it again to resume after a crash or to pick up changes.
 
     SOURCE is a .jsonl, .csv or .parquet file, or a folder of .txt/.md files (id = the
@@ -257,6 +259,14 @@ def run(no_estimate: bool, progress: bool | None, workers: str | None, store: st
 
         source = AudioFolderSource(source, audio_to_text=audio_to_text or "local-whisper:tiny.en",
                                    cache=args.get("cache"), id_field=args.get("id_field", "id"))
+    if metrics_port is not None:
+        if workers is not None:
+            raise ConfigurationError("with --workers, each worker serves the metrics: embedpipe worker --metrics-port")
+        from embedpipe.metrics import PrometheusMetrics
+
+        metrics = PrometheusMetrics()
+        metrics.start_http_server(metrics_port)
+        args["hooks"] = (metrics,)
     bar = _Progress(sys.stderr.isatty() if progress is None else progress)
     try:
         if workers is None:
@@ -307,13 +317,19 @@ def _run_on_workers(source: str, args: dict[str, Any], workers: str, store: str 
 @click.option("--pool", type=click.Choice(["prefork", "threads", "solo"]), default="prefork", show_default=True)
 @click.option("-n", "--hostname", help="The worker's name (default: celery@HOST).")
 @click.option("--loglevel", default="INFO", show_default=True)
+@click.option("--metrics-port", type=click.IntRange(1, 65535), help="Serve Prometheus /metrics for every pool "
+              "process of this worker on this port (127.0.0.1).")
 @_handle_errors
 def worker(broker: str, store: str | None, concurrency: int | None, pool: str, hostname: str | None,
-           loglevel: str) -> None:
+           loglevel: str, metrics_port: int | None) -> None:
     """Process chunks of distributed runs (embedpipe run --workers celery+BROKER) on this host.
 
     API keys come from this host's environment (OPENAI_API_KEY, ...); nothing secret travels in messages.
     """
+    if metrics_port is not None:
+        from embedpipe.distributed.celery import serve_worker_metrics
+
+        serve_worker_metrics(metrics_port)  # before any pool process starts: they share one multiprocess folder
     from embedpipe.distributed.celery import make_app
 
     app = make_app(broker, store)

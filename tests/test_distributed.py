@@ -368,3 +368,63 @@ def test_workers_fail_closed_when_the_shared_limiter_is_down(openai_server: Open
     assert result.exit_code == 0
     assert_exactly_once(tmp_path / "out", records)
     assert set(openai_server.ledger.times_billed.values()) == {1}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _scrape(port: int) -> str:
+    import httpx
+
+    return httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+
+
+def _sample(text: str, name: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_metrics_ports_of_a_run_and_of_a_prefork_worker(openai_server: OpenAITestServer, broker: PrivateRedis,
+                                                        tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from embedpipe.cli import main
+
+    records = make_records(30)
+    src = write_jsonl(tmp_path / "src.jsonl", records)
+    port = _free_port()
+    res = CliRunner().invoke(main, ["run", str(src), "--model", MODEL, "--dimensions", str(DIMS), "--base-url",
+                                    openai_server.base_url, "--cache", f"sqlite:///{tmp_path}/a.db", "--out",
+                                    str(tmp_path / "a"), "--no-progress", "--metrics-port", str(port)],
+                             env={"OPENAI_API_KEY": "sk-test"})
+    assert res.exit_code == 0, res.output
+    assert _sample(_scrape(port), "embedpipe_cache_misses_total") == 30
+
+    wport = _free_port()
+    exe = str(Path(sys.executable).parent / "embedpipe")
+    log = tmp_path / "metrics-worker.log"
+    env = {**os.environ, "OPENAI_API_KEY": "sk-test", "PYTHONPATH": str(ROOT)}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    with log.open("wb") as f:
+        proc = subprocess.Popen([exe, "worker", "--broker", broker.url, "-c", "2", "--pool", "prefork",
+                                 "--metrics-port", str(wport), "-n", f"m@{socket.gethostname()}"], env=env,
+                                stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while b"ready." not in log.read_bytes() and time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text()
+            time.sleep(0.1)
+        spec = _spec(openai_server, tmp_path, records, cache=f"sqlite:///{tmp_path}/b.db")
+        assert distributed.submit(spec, app=make_app(broker.url)).wait(120).exit_code == 0
+        text = _scrape(wport)  # both pool processes' counts, added up
+        assert _sample(text, "embedpipe_cache_misses_total") == 30
+        assert _sample(text, "embedpipe_tokens_total") > 0
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)

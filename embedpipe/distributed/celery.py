@@ -81,6 +81,27 @@ def _put_password(url: str, secret: str) -> str:
                        parts.query, parts.fragment))
 
 
+def serve_worker_metrics(port: int) -> Any:
+    """Serve ``/metrics`` for every pool process of this worker, aggregated (prometheus-client's multiprocess mode).
+
+    Call it in the worker's main process before the pool starts: it points
+    ``PROMETHEUS_MULTIPROC_DIR`` at a fresh folder, which the pool processes inherit.
+    """
+    import tempfile
+
+    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="embedpipe-metrics-"))
+    os.environ["EMBEDPIPE_WORKER_METRICS"] = "1"
+    try:
+        import prometheus_client as prom
+        from prometheus_client import multiprocess
+    except ImportError as exc:
+        raise ConfigurationError("worker metrics need prometheus-client: pip install 'embedpipe[serve]'") from exc
+    registry = prom.CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    server, _ = prom.start_http_server(port, addr="127.0.0.1", registry=registry)
+    return server
+
+
 def limiter_key(spec: JobSpec, api_key: str | None) -> str:
     """The shared rate limit's key: provider and model, and a hash of the API key (keys have their own limits)."""
     digest = hashlib.sha256((api_key or "").encode()).hexdigest()[:12]
@@ -97,6 +118,12 @@ class _Workers:
         self.sinks: dict[str, Sink] = {}
         self.ledgers: dict[tuple[str, str], RedisJobLedger] = {}
         self.owner = default_owner()
+        #: this process's Prometheus hook, when the worker serves metrics (embedpipe worker --metrics-port)
+        self.metrics: Any = None
+        if os.environ.get("EMBEDPIPE_WORKER_METRICS"):
+            from embedpipe.metrics import PrometheusMetrics
+
+            self.metrics = PrometheusMetrics()
 
     def _fresh(self) -> None:
         if self._pid != os.getpid():  # a forked child: nothing of the parent's is usable here
@@ -115,6 +142,8 @@ class _Workers:
                     sep = "&" if "?" in store_url else "?"
                     limiter = f"{store_url}{sep}key={limiter_key(spec, api_key)}&on_error=raise"
                     config = config.replace(rate_limiter=limiter)
+                if self.metrics is not None:
+                    config = config.replace(hooks=(*config.hooks, self.metrics))
                 # The budget is the ledger's (reservations shared by all workers), not this process's.
                 pipe = job_pipeline(spec.replace(pipeline=config, budget_usd=None))
                 if spec.budget_usd is not None and pipe.price_per_1m_tokens is None:
@@ -249,4 +278,4 @@ def _default_app() -> Celery:
 app = _default_app()
 
 __all__ = ["BACKOFF_SECONDS", "LEASE_SECONDS", "MAX_ATTEMPTS", "TASK_NAME", "TASK_TIME_LIMIT", "VISIBILITY_TIMEOUT",
-           "app", "limiter_key", "make_app", "run_chunk"]
+           "app", "limiter_key", "make_app", "run_chunk", "serve_worker_metrics"]
