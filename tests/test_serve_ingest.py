@@ -9,6 +9,7 @@ private redis-server as its broker.
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import socket
@@ -339,3 +340,22 @@ def test_with_a_broker_the_ingest_runs_on_a_celery_worker(upstream: OpenAITestSe
     assert sorted(r["id"] for r in rows) == sorted(r["id"] for r in records)
     _check_vectors(rows, {r["id"]: r["text"] for r in records})
     assert max(upstream.ledger.times_billed.values()) == 1
+
+
+def test_the_config_names_sinks_store_and_workers(tmp_path: Path) -> None:
+    from embedpipe.errors import ConfigurationError
+    from embedpipe.serve import load_settings
+
+    deployed = load_settings(ROOT / "deploy" / "serve.toml")
+    assert deployed.sinks == {"docs": "/data/vectors/docs"}
+    assert deployed.store == "sqlite:////data/jobs.sqlite" and deployed.job_workers == "celery+redis://redis:6379/0"
+    assert load_settings(ROOT / "deploy" / "serve.toml", job_workers="celery+redis://other:6379/0").job_workers \
+        == "celery+redis://other:6379/0"
+    for text, message in (('[sinks.docs]\npath = "/x"\n', "[sinks.docs] takes url"),
+                          ('[sinks."a/b"]\nurl = "/x"\n', "a sink name is"),
+                          ('[workers]\nurl = "redis://q:6379/0"\n', "prefixed celery+"),
+                          ('[server]\njob_lease_s = 0\n', "job_lease_s")):
+        bad = tmp_path / "bad.toml"
+        bad.write_text(text)
+        with pytest.raises(ConfigurationError, match=re.escape(message)):
+            load_settings(bad)
