@@ -9,8 +9,8 @@ private redis-server as its broker.
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -229,6 +229,47 @@ def test_dead_letters_and_deleting_records(upstream: OpenAITestServer, tmp_path:
             r["id"] for r in records if r["id"] not in ("d0", "d1", "d3", "d7"))
         assert httpx.request("DELETE", f"{live.url}/v1/sinks/x:y/records", json={"ids": ["a"]}).status_code == 400
         assert httpx.request("DELETE", f"{live.url}/v1/sinks/docs/records", json={"ids": []}).status_code == 400
+
+
+def test_a_stopping_service_gives_its_job_back_and_the_next_one_resumes_it(upstream: OpenAITestServer,
+                                                                         tmp_path: Path) -> None:
+    upstream.control.configure(latency=0.1)
+    records = [{"id": f"s{i}", "text": f"stop and go {i}"} for i in range(600)]
+    settings = _settings(upstream, tmp_path, ingest_chunk_size=50)
+    with LiveService(settings) as live:
+        job = httpx.post(f"{live.url}/v1/ingest", json={"model": MODEL, "sink": "docs", "records": records}).json()
+        mid = _wait(live.url, job["job_id"], until=lambda s: s["counts"]["written"] >= 100)
+    assert mid["counts"]["written"] < 600
+    upstream.control.configure(latency=0.0)
+    with LiveService(settings) as live:
+        # Given back at shutdown, not left leased: the next service takes it at once, not after job_lease_s.
+        done = _wait(live.url, job["job_id"], timeout=20)
+    assert done["attempts"] == 2 and done["counts"]["unchanged"] >= 100
+    assert sorted(r["id"] for r in _rows(tmp_path / "docs")) == sorted(r["id"] for r in records)
+    assert max(upstream.ledger.times_billed.values()) == 1
+
+
+def test_keys_guard_the_job_routes_and_a_budgeted_key_cannot_ingest(upstream: OpenAITestServer,
+                                                                    tmp_path: Path) -> None:
+    from embedpipe.serve import key_store_from
+
+    keys = f"sqlite:///{tmp_path}/keys.db"
+    store = key_store_from(keys)
+    plain, budgeted = store.add("ingest"), store.add("metered", budget_usd=1.0)
+    store.close()
+    body = {"model": MODEL, "sink": "docs", "records": [{"id": "k1", "text": "keyed"}]}
+    with LiveService(_settings(upstream, tmp_path, keys=keys)) as live:
+        assert httpx.post(f"{live.url}/v1/ingest", json=body).status_code == 401
+        assert httpx.get(f"{live.url}/v1/jobs").status_code == 401
+        refused = httpx.post(f"{live.url}/v1/ingest", json=body, headers={"authorization": f"Bearer {budgeted}"})
+        assert refused.status_code == 403 and refused.json()["error"]["code"] == "budget_key_cannot_ingest"
+        auth = {"authorization": f"Bearer {plain}"}
+        job = httpx.post(f"{live.url}/v1/ingest", json=body, headers=auth).json()["job_id"]
+        deadline = time.monotonic() + 20
+        while httpx.get(f"{live.url}/v1/jobs/{job}", headers=auth).json()["state"] != "succeeded":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    assert upstream.ledger.billed_tokens > 0
 
 
 # ------------------------------------------------------------------ kill -9 and restart

@@ -216,6 +216,10 @@ class _Cancelled(Exception):
     """The job was cancelled (or its lease taken) between two chunks."""
 
 
+class _Stopped(Exception):
+    """The service is stopping: the job goes back to the queue after the chunks in flight."""
+
+
 class JobWorker:
     """The service's worker loop: one thread leasing ingest jobs from ``registry`` and running them.
 
@@ -242,8 +246,8 @@ class JobWorker:
             self._thread = threading.Thread(target=self._loop, name="embedpipe-ingest-worker", daemon=True)
             self._thread.start()
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop after the chunk in hand (its job stays leased until the lease runs out, then resumes)."""
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop after the chunks in flight; the job in hand goes back to the queue, to resume from there."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
@@ -282,6 +286,8 @@ class JobWorker:
             state = "succeeded" if not result.get("budget_exceeded") else "failed"
             error = "stopped at the budget; what was done is kept: ingest again to carry on" \
                 if state == "failed" else None
+        except _Stopped:
+            state = "stopped"
         except _Cancelled:
             state = "cancelled" if cancel.is_set() and not lost.is_set() else "lost"
         except JobLockedError as exc:
@@ -295,7 +301,9 @@ class JobWorker:
             beat.join(5)
             if self.metrics is not None:
                 self.metrics.jobs_running.dec()
-        if state == "busy":  # another process runs a job on the same sink: try again later
+        if state in ("busy", "stopped"):
+            # Another process runs a job on the same sink (try again later), or this service stops (the
+            # next one to lease the job resumes it at once, without waiting for the lease to run out).
             self.registry.release(job.job_id, self.owner)
             self._stop.wait(1.0)
             return
@@ -339,7 +347,8 @@ class JobWorker:
                     chunks.close()
                     gen = store.latest_run()
                     if gen is not None and gen in self._gens(job.job_id):
-                        store.end_run(gen, "cancelled" if cancel.is_set() else "error")
+                        store.end_run(gen, "interrupted" if self._stop.is_set() else
+                                      "cancelled" if cancel.is_set() else "error")
                     raise
                 chunks.close()
                 result = finish_job(spec, store, sink=sink, status=status)
@@ -355,6 +364,8 @@ class JobWorker:
         """The planned chunks, noting the run in the registry and stopping at a cancel."""
         noted = False
         for chunk in chunks:
+            if self._stop.is_set():
+                raise _Stopped(job_id)
             if cancel.is_set() or self.registry.cancel_requested(job_id):
                 cancel.set()
                 raise _Cancelled(job_id)

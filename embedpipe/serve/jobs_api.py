@@ -63,6 +63,7 @@ def add_job_routes(app: FastAPI, service: Service, errors: dict[int | str, dict[
     settings = service.settings
     errors = {**errors, 404: {"model": errors[400]["model"], "description": "Unknown job, sink or model, or ingest "
                                                                            "not enabled"},
+              403: {"model": errors[400]["model"], "description": "A key with a budget cannot ingest"},
               409: {"model": errors[400]["model"], "description": "A job is writing to the sink"},
               422: {"model": errors[400]["model"], "description": "Idempotency-Key reused for another body"}}
 
@@ -96,6 +97,11 @@ def add_job_routes(app: FastAPI, service: Service, errors: dict[int | str, dict[
         record = await service.authenticate(request)
         request.state.key = record.label if record else ""
         reg = registry()
+        if record is not None and record.budget_usd is not None:
+            # A job's spend is not charged to a key yet: a key with a budget must not get round it here.
+            raise APIError(403, f"Key {record.label} has a budget, and ingest jobs are not charged to keys' "
+                           "budgets yet; use a key without a budget for ingest.", "permission_error",
+                           "budget_key_cannot_ingest")
         ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
         ndjson = ctype in NDJSON_TYPES
         body = await request.body()
