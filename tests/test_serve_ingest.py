@@ -400,3 +400,17 @@ def test_the_config_names_sinks_store_and_workers(tmp_path: Path) -> None:
         bad.write_text(text)
         with pytest.raises(ConfigurationError, match=re.escape(message)):
             load_settings(bad)
+
+
+def test_the_command_line_takes_a_store_and_celery_workers(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from embedpipe.cli import main
+
+    bad = CliRunner().invoke(main, ["serve", "--model", f"openai:{MODEL}", "--workers", "redis://q:6379/0"])
+    assert bad.exit_code == 2 and "prefixed celery+" in bad.output
+    config = tmp_path / "serve.toml"
+    config.write_text(f'[sinks.docs]\nurl = "{tmp_path}/docs"\n')
+    wrong = CliRunner().invoke(main, ["serve", "--model", f"openai:{MODEL}", "--store", "redis://q:6379/0",
+                                      "--config", str(config), "--port", "1"])
+    assert wrong.exit_code == 2 and "keeps its jobs in SQLite" in wrong.output

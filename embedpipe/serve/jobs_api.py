@@ -31,6 +31,7 @@ from embedpipe.serve.ingest import (
     store_body,
 )
 from embedpipe.serve.jobstore import IdempotencyConflictError, IngestRegistry
+from embedpipe.serve.settings import SINK_NAME
 
 if TYPE_CHECKING:
     from embedpipe.serve.app import Service
@@ -41,10 +42,6 @@ INGEST_ROUTE = "/v1/ingest"
 #: content types read as one record per line
 NDJSON_TYPES = frozenset({"application/x-ndjson", "application/ndjson", "application/jsonl",
                           "application/x-jsonlines", "application/jsonlines"})
-#: what a sink's name may be (the [sinks.NAME] tables' names)
-SINK_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
-
-
 class DeleteRecords(BaseModel):
     """``DELETE /v1/sinks/{name}/records``: the ids to delete."""
 

@@ -57,7 +57,9 @@ _SERVER_FIELDS = ("host", "port", "metrics_port", "max_wait_ms", "max_batch_inpu
                   "partial_batches", "max_queue", "max_body_bytes", "max_inputs", "log_format", "max_ingest_bytes",
                   "ingest_chunk_size", "job_lease_s")
 
-_SINK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+#: what a sink's name may be (``[sinks.NAME]``; the ingest routes check requests against it too)
+SINK_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+_SINK_NAME = re.compile(SINK_NAME)
 
 
 @dataclass(frozen=True)
