@@ -35,6 +35,7 @@ SCENARIOS = {
     "overhead": "benchmarks.overhead",
     "compact": "benchmarks.compact",
     "serve": "benchmarks.serve",
+    "ingest": "benchmarks.ingest",
     "distributed": "benchmarks.distributed",
     "dupspend": "benchmarks.dupspend",
     "multimodal": "benchmarks.multimodal",

@@ -50,7 +50,11 @@ METRIC_NAMES = (
     "embedpipe_limiter_wait_seconds", "embedpipe_queue_wait_seconds", "embedpipe_batch_inputs",
     "embedpipe_batch_tokens", "embedpipe_inflight_requests", "embedpipe_queue_depth",
     "embedpipe_ratelimit_remaining", "embedpipe_budget_remaining_usd", "embedpipe_budget_limit_usd",
+    "embedpipe_jobs_total", "embedpipe_job_records_total", "embedpipe_jobs_running",
 )
+
+#: the states of the service's ingest jobs; their ``embedpipe_jobs_total`` series exist from the start, at zero
+JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 
 #: the reasons :class:`~embedpipe.events.Retried` carries; their series exist from the start, at zero
 RETRY_REASONS = ("rate_limited", "server_error", "timeout", "connection", "invalid_response", "other")
@@ -123,6 +127,14 @@ class PrometheusMetrics:
                                   "key's).", ["model", "key"], multiprocess_mode="mostrecent", registry=r)
         self.budget_limit = g("embedpipe_budget_limit_usd", "The budget itself, for the share left.",
                               ["model", "key"], multiprocess_mode="mostrecent", registry=r)
+        self.jobs = c("embedpipe_jobs", "Ingest jobs that entered each state (queued, running, succeeded, failed, "
+                      "cancelled).", ["state"], registry=r)
+        for state in JOB_STATES:
+            self.jobs.labels(state)
+        self.job_records = c("embedpipe_job_records", "Records the service's ingest jobs have handed to their chunks.",
+                             registry=r)
+        self.jobs_running = g("embedpipe_jobs_running", "Ingest jobs this service's worker loop is running.",
+                              multiprocess_mode="livesum", registry=r)
 
     # ------------------------------------------------------------------ the hook
     def __call__(self, event: Event) -> None:
@@ -195,6 +207,10 @@ class PrometheusMetrics:
         self.budget_limit.labels(model, key).set(limit_usd)
 
     # ------------------------------------------------------------------ reading
+    def job_state(self, state: str) -> None:
+        """Count an ingest job entering ``state``."""
+        self.jobs.labels(state).inc()
+
     def exposition(self) -> tuple[bytes, str]:
         """The text format of every metric and its content type; every worker's in multiprocess mode."""
         prom = self._prom

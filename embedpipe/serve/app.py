@@ -41,6 +41,9 @@ from embedpipe.limits import MemoryRateLimiter, RateLimiter, RateLimiterUnavaila
 from embedpipe.metrics import PrometheusMetrics
 from embedpipe.pipeline import EmbeddingPipeline
 from embedpipe.serve.batcher import Answer, MicroBatcher, QueueFullError
+from embedpipe.serve.ingest import JobWorker, registry_path
+from embedpipe.serve.jobs_api import INGEST_ROUTE, add_job_routes
+from embedpipe.serve.jobstore import IngestRegistry
 from embedpipe.serve.keystore import KeyRecord, KeyStore, KeyStoreError, key_store_from
 from embedpipe.serve.schema import EmbeddingRequest, EmbeddingResponse, ErrorResponse
 from embedpipe.serve.settings import ModelSettings, ServeSettings
@@ -117,6 +120,14 @@ class Service:
         self._key_limiters: dict[str, tuple[int | None, int | None, RateLimiter]] = {}
         for model in settings.models:
             self.route(model.name, None)
+        # Ingest jobs (embedpipe.serve.ingest): only with a [sinks.NAME] to write to.
+        self.registry: IngestRegistry | None = None
+        self.worker: JobWorker | None = None
+        if settings.sinks:
+            self.registry = IngestRegistry(registry_path(settings))
+            celery = settings.job_workers.removeprefix("celery+") if settings.job_workers else None
+            self.worker = JobWorker(self.registry, cache=self.cache, metrics=self.metrics,
+                                    lease_seconds=settings.job_lease_s, celery_url=celery)
 
     def route(self, name: str, dimensions: int | None) -> _Route:
         """The pipeline and batcher serving ``name`` at ``dimensions`` (built on first use)."""
@@ -256,12 +267,21 @@ class Service:
                 await asyncio.to_thread(self.store.ping)
             except Exception as exc:
                 problems["keys"] = f"{type(exc).__name__}: {exc}"
+        if self.registry is not None:
+            try:
+                await asyncio.to_thread(self.registry.ping)
+            except Exception as exc:
+                problems["jobs"] = f"{type(exc).__name__}: {exc}"
         for (name, _), route in list(self._routes.items()):
             if route.batcher.room <= 0:
                 problems[f"queue:{name}"] = "full"
         return problems
 
     async def aclose(self) -> None:
+        if self.worker is not None:
+            await asyncio.to_thread(self.worker.stop)
+        if self.registry is not None:
+            self.registry.close()
         for route in list(self._routes.values()):
             await route.batcher.aclose()
             route.pipeline.close()
@@ -392,8 +412,8 @@ class _Guard:
             await send(message)
 
         try:
-            if path in EMBEDDING_ROUTES and scope["method"] == "POST":
-                receive = await self._limited(headers, receive, send_wrapped)
+            if path in _LIMITED and scope["method"] == "POST":
+                receive = await self._limited(headers, receive, send_wrapped, path)
                 if receive is None:  # refused with 413 already
                     return
             await self.app(scope, receive, send_wrapped)
@@ -409,8 +429,9 @@ class _Guard:
                                 "inputs": state.get("inputs"), "duration_ms": round(seconds * 1000, 3)})
             request_id.reset(token)
 
-    async def _limited(self, headers: dict[bytes, bytes], receive: Receive, send: Send) -> Receive:
-        limit = self.service.settings.max_body_bytes
+    async def _limited(self, headers: dict[bytes, bytes], receive: Receive, send: Send, path: str) -> Receive:
+        s = self.service.settings
+        limit = s.max_ingest_bytes if path == INGEST_ROUTE else s.max_body_bytes
         length = headers.get(b"content-length")
         too_large = APIError(413, f"The request body is larger than {limit} bytes.", code="request_too_large")
         if length is not None and length.isdigit() and int(length) > limit:
@@ -443,7 +464,9 @@ class _Guard:
         return replay
 
 
-_KNOWN = frozenset({"/healthz", "/readyz", "/metrics", "/v1/models", "/openapi.json", "/docs"})
+_KNOWN = frozenset({"/healthz", "/readyz", "/metrics", "/v1/models", "/openapi.json", "/docs", INGEST_ROUTE,
+                    "/v1/jobs"})
+_LIMITED = frozenset({*EMBEDDING_ROUTES, INGEST_ROUTE})
 
 
 # ------------------------------------------------------------------ the app
@@ -456,6 +479,8 @@ def create_app(settings: ServeSettings, *, metrics: PrometheusMetrics | None = N
         if settings.keys is None:
             log.warning("embedpipe serve: no --keys given: the service is OPEN (no authentication) and listens on "
                         "%s only", settings.host)
+        if service.worker is not None:
+            service.worker.start()
         try:
             yield
         finally:
@@ -530,11 +555,13 @@ def create_app(settings: ServeSettings, *, metrics: PrometheusMetrics | None = N
         app.add_api_route(path, embeddings, methods=["POST"], response_model=EmbeddingResponse,
                           responses=errors, operation_id=op, summary="Create embeddings (OpenAI's schema)")
 
+    add_job_routes(app, service, errors)
+
     @app.get("/healthz", summary="Liveness: answers while the process runs")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", summary="Readiness: cache, key store, models and queue room",
+    @app.get("/readyz", summary="Readiness: cache, key store, job store, models and queue room",
              responses={503: {"description": "Not ready"}})
     async def readyz() -> Response:
         problems = await service.readiness()

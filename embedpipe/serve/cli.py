@@ -47,19 +47,32 @@ def _errors(fn: F) -> F:
 @click.option("--key-limits", help="Where per-key rpm/tpm are counted: memory:// (default) or redis://... (shared by "
                                    "workers and hosts; fails closed).")
 @click.option("--config", "config", type=click.Path(exists=True, dir_okay=False), help="A TOML file with "
-              "[models.NAME], [cache], [keys] and [server] tables; options given here override it.")
+              "[models.NAME], [cache], [keys], [sinks.NAME], [store], [workers] and [server] tables; options given "
+              "here override it.")
 @click.option("--metrics-port", type=click.IntRange(1, 65535), help="Serve /metrics on this port, without keys.")
 @click.option("--max-wait-ms", type=click.FloatRange(0, 1000), help="How long a batch waits for company (default 2).")
-@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="uvicorn worker processes "
-              "(per-key limits then belong in Redis: --key-limits redis://...).")
+@click.option("--store", help="Where ingest jobs are kept: sqlite:///jobs.sqlite (default: serve/jobs.sqlite in the "
+                              "user data folder); the stored bodies go next to it.")
+@click.option("--workers", "workers_option", default="1", show_default=True, metavar="N|celery+BROKER",
+              help="uvicorn worker processes (per-key limits then belong in Redis: --key-limits redis://...), or "
+                   "celery+redis://host:6379/0 to run ingest jobs on Celery workers (embedpipe worker).")
 @click.option("--log-format", type=click.Choice(["text", "json"]), help="json: one JSON object per line, with the "
               "request id.")
 @click.pass_context
 @_errors
-def serve(ctx: click.Context, /, workers: int, config: str | None, **kw: Any) -> None:
-    """Serve OpenAI's /v1/embeddings with one cache, coalescing, keys, limits, budgets and metrics."""
+def serve(ctx: click.Context, /, workers_option: str, config: str | None, **kw: Any) -> None:
+    """Serve OpenAI's /v1/embeddings with one cache, coalescing, keys, limits, budgets and metrics, and
+    POST /v1/ingest: records into a configured sink, as durable background jobs."""
     if ctx.invoked_subcommand is not None:
         return
+    workers = 1
+    if workers_option.startswith("celery+"):
+        kw["job_workers"] = workers_option
+    elif workers_option.isdigit() and int(workers_option) >= 1:
+        workers = int(workers_option)
+    else:
+        raise ConfigurationError(f"--workers {workers_option!r}: give a number of processes, or a Celery broker "
+                                 "URL prefixed celery+ (celery+redis://host:6379/0)")
     import uvicorn
 
     from embedpipe.metrics import PrometheusMetrics

@@ -14,6 +14,15 @@ A config file (``--config serve.toml``)::
     url = "sqlite:///keys.db"
     limits = "redis://127.0.0.1:6379/0"   # where per-key rpm/tpm are counted (default memory://)
 
+    [sinks.docs]                          # POST /v1/ingest {"sink": "docs", ...} writes here
+    url = "parquet:////data/vectors/docs"  # any sink URL `embedpipe run --out` takes
+
+    [store]
+    url = "sqlite:////data/embedpipe/jobs.sqlite"  # the ingest jobs (default: the user data folder)
+
+    [workers]
+    url = "celery+redis://queue:6379/0"   # run ingest chunks on Celery workers (default: in the service)
+
     [server]
     host = "0.0.0.0"
     port = 8000
@@ -27,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +54,12 @@ PIPELINE_OPTIONS = frozenset({
     "namespace", "provider_options",
 })
 _SERVER_FIELDS = ("host", "port", "metrics_port", "max_wait_ms", "max_batch_inputs", "max_batch_tokens",
-                  "partial_batches", "max_queue", "max_body_bytes", "max_inputs", "log_format")
+                  "partial_batches", "max_queue", "max_body_bytes", "max_inputs", "log_format", "max_ingest_bytes",
+                  "ingest_chunk_size", "job_lease_s")
+
+#: what a sink's name may be (``[sinks.NAME]``; the ingest routes check requests against it too)
+SINK_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+_SINK_NAME = re.compile(SINK_NAME)
 
 
 @dataclass(frozen=True)
@@ -79,17 +94,38 @@ class ServeSettings:
     max_body_bytes: int = 2 * 1024 * 1024
     max_inputs: int = 2048
     log_format: str = "text"
+    #: the ingest sinks, by the name requests use: ``{"docs": "parquet:///vectors/docs"}`` (``[sinks.NAME] url``)
+    sinks: dict[str, str] = field(default_factory=dict)
+    #: the registry of ingest jobs (``sqlite:///path``); ``None``: ``serve/jobs.sqlite`` in the user data folder
+    store: str | None = None
+    #: ``celery+redis://…`` runs ingest chunks on Celery workers; ``None``: the service's own worker loop
+    job_workers: str | None = None
+    max_ingest_bytes: int = 32 * 1024 * 1024
+    #: records per chunk of an ingest job (one embed call and one output part each)
+    ingest_chunk_size: int = 500
+    #: how long an ingest job stays leased to a service that stopped renewing it (one killed) before another resumes it
+    job_lease_s: float = 30.0
 
     def __post_init__(self) -> None:
         if self.log_format not in ("text", "json"):
             raise ConfigurationError(f"log_format={self.log_format!r}: use 'text' or 'json'")
         for name in ("max_batch_inputs", "max_batch_tokens", "partial_batches", "max_queue", "max_body_bytes",
-                     "max_inputs"):
+                     "max_inputs", "max_ingest_bytes", "ingest_chunk_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigurationError(f"[server] {name}={value!r} must be a positive integer")
         if not isinstance(self.max_wait_ms, (int, float)) or not 0 <= self.max_wait_ms <= 1000:
             raise ConfigurationError(f"[server] max_wait_ms={self.max_wait_ms!r} must be between 0 and 1000")
+        if not isinstance(self.job_lease_s, (int, float)) or not self.job_lease_s > 0:
+            raise ConfigurationError(f"[server] job_lease_s={self.job_lease_s!r} must be a positive number of seconds")
+        for sink, url in self.sinks.items():
+            if not _SINK_NAME.match(sink):
+                raise ConfigurationError(f"[sinks.{sink}]: a sink name is letters, digits, '.', '_' and '-'")
+            if not isinstance(url, str) or not url.strip():
+                raise ConfigurationError(f"[sinks.{sink}] needs url = \"…\" (a sink URL or path)")
+        if self.job_workers is not None and not self.job_workers.startswith("celery+"):
+            raise ConfigurationError(f"[workers] url={self.job_workers!r}: give a Celery broker URL prefixed "
+                                     "celery+, e.g. celery+redis://host:6379/0")
         names = [m.name for m in self.models]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -144,20 +180,39 @@ def _models_from(path: Path, tables: Any) -> list[ModelSettings]:
     return out
 
 
+def _sinks_from(path: Path, tables: Any) -> dict[str, str]:
+    if not isinstance(tables, dict):
+        raise ConfigurationError(f"{path}: [sinks] must hold tables [sinks.NAME] with url = \"…\"")
+    out = {}
+    for name, table in tables.items():
+        if not isinstance(table, dict) or set(table) != {"url"} or not isinstance(table["url"], str):
+            raise ConfigurationError(f"{path}: [sinks.{name}] takes url = \"…\" (a sink URL or path) only")
+        out[name] = table["url"]
+    return out
+
+
 def load_settings(config: str | Path | None = None, **overrides: Any) -> ServeSettings:
     """The settings of a TOML file (or the defaults), with the non-``None`` ``overrides`` applied.
 
     ``overrides`` are the command line's: ``models`` (a list of ``--model`` values), ``base_url``,
-    ``cache``, ``keys``, ``key_limits`` and the ``[server]`` fields.
+    ``cache``, ``keys``, ``key_limits``, ``store``, ``job_workers`` and the ``[server]`` fields.
     """
     values: dict[str, Any] = {}
     models: list[ModelSettings] = []
     if config is not None:
         path = Path(config)
         data = _read_toml(path)
-        unknown = sorted(set(data) - {"models", "cache", "keys", "server"})
+        known = ("models", "cache", "keys", "server", "sinks", "store", "workers")
+        unknown = sorted(set(data) - set(known))
         if unknown:
-            raise ConfigurationError(f"{path}: unknown table(s) {unknown}; known: models, cache, keys, server")
+            raise ConfigurationError(f"{path}: unknown table(s) {unknown}; known: {', '.join(known)}")
+        values["sinks"] = _sinks_from(path, data.get("sinks", {}))
+        for table, name in (("store", "store"), ("workers", "job_workers")):
+            section = data.get(table, {})
+            if not isinstance(section, dict) or set(section) - {"url"}:
+                raise ConfigurationError(f"{path}: [{table}] takes url = \"…\" only")
+            if "url" in section:
+                values[name] = section["url"]
         models = _models_from(path, data.get("models", {}))
         cache = data.get("cache", {})
         if "url" in cache:
