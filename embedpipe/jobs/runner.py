@@ -494,6 +494,7 @@ def run(source: SourceLike, *, model: str, out: Any, state: str | os.PathLike[st
             return _result(job, sink, st, est)
     finally:
         pipe.close()
+        sink.close()
 
 
 def _result(job: _Job, sink: Sink, st: JobState, est: JobEstimate | None) -> JobResult:
