@@ -5,7 +5,7 @@ A concrete sink (:mod:`embedpipe.sinks.pgvector`, ``qdrant``, ``chroma``, ``lanc
 collection's schema, create it, upsert one batch, delete ids, fetch ids, drop. This base
 class drives them the same way for each:
 
-* before the first write, :meth:`DatabaseSink.prepare` reads the existing collection's
+* when the job opens the sink (before any write), :meth:`DatabaseSink.prepare` reads the existing collection's
   dimensions and metric; a mismatch with the job raises :class:`CollectionMismatchError`
   (a :class:`~embedpipe.errors.ConfigurationError`) and nothing is written;
 * writes go in batches of ``batch_size`` rows, each an upsert by id, so a batch replayed
@@ -148,6 +148,7 @@ class DatabaseSink(Sink):
         #: ids the last :meth:`verify` read back and found as written
         self.verified = 0
         self._dims: int | None = None
+        self._expected: int | None = None
         retry_kwargs: dict[str, Any] = {} if sleep is None else {"sleep": sleep}
         self._retrying = Retrying(stop=stop_after_attempt(self.attempts),
                                   wait=wait_random_exponential(multiplier=0.2, max=5),
@@ -234,13 +235,12 @@ class DatabaseSink(Sink):
         import platformdirs
 
         digest = hashlib.sha256(self.describe().encode()).hexdigest()[:16]
-        safe = "".join(c if c.isalnum() else "-" for c in self.collection)[:40]
+        safe = "".join(c if c.isalnum() or c in "_." else "-" for c in self.collection)[:40]
         return Path(platformdirs.user_state_dir("embedpipe")) / "jobs" / f"{safe}-{digest}.sqlite"
 
     def bind(self, pipeline: EmbeddingPipeline) -> None:
-        dims = pipeline.expected_dims
-        if dims is not None:
-            self.prepare(dims)
+        # Checked in open(), not here: a rebuild binds first and resets the collection after.
+        self._expected = pipeline.expected_dims
 
     def prepare(self, dims: int) -> None:
         """Check the existing collection against ``dims`` and :attr:`metric`, or create it; before any write."""
@@ -264,6 +264,8 @@ class DatabaseSink(Sink):
     def open(self, state: JobState) -> None:
         # The state lives apart from the database: if the collection was dropped or emptied
         # since, the records the state calls done must be written again.
+        if self._expected is not None:
+            self.prepare(self._expected)
         if state.count("done") and self.call(self.count_rows) == 0:
             n = state.forget_written()
             log.warning("embedpipe: %s is empty or gone; its %d record(s) will be written again", self.location(), n)

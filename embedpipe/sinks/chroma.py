@@ -90,8 +90,13 @@ class ChromaSink(DatabaseSink):
         col = self._get()
         if col is None:
             return None
-        space = ((col.configuration or {}).get("hnsw") or {}).get("space") or \
-            (col.metadata or {}).get("hnsw:space") or "l2"  # Chroma's own default
+        space = (col.metadata or {}).get("embedpipe_metric")
+        if space is None:  # a collection made elsewhere: its HNSW configuration says
+            try:
+                space = ((col.configuration or {}).get("hnsw") or {}).get("space")
+            except ValueError:  # chromadb cannot load some stored configurations back
+                space = None
+            space = space or (col.metadata or {}).get("hnsw:space") or "l2"  # Chroma's own default
         peek = col.get(limit=1, include=["embeddings"])
         embeddings = peek.get("embeddings")
         dims = None if embeddings is None or len(embeddings) == 0 else len(embeddings[0])
@@ -99,7 +104,9 @@ class ChromaSink(DatabaseSink):
 
     def create(self, dims: int) -> None:
         self._collection = self.client.get_or_create_collection(
-            self.collection, configuration={"hnsw": {"space": self.metric}}, embedding_function=None)
+            self.collection, configuration={"hnsw": {"space": self.metric}}, embedding_function=None,
+            # Kept in metadata too: chromadb 1.x cannot always load a stored configuration back.
+            metadata={"embedpipe_metric": self.metric})
 
     def upsert(self, rows: Rows) -> None:
         metadatas = [{"content_hash": h, "model": rows.model, "dimensions": rows.dimensions, "metadata": m}
