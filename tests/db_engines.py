@@ -17,6 +17,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -28,6 +30,20 @@ import numpy as np
 import pytest
 
 KINDS = ["pgvector", "chroma", "lancedb", "qdrant", "milvus"]
+
+_MILVUS_READER = """
+import json, sys, warnings
+warnings.simplefilter("ignore")
+from pymilvus import MilvusClient
+client = MilvusClient(sys.argv[1])
+rows = []
+if client.has_collection(sys.argv[2]):
+    client.load_collection(sys.argv[2])
+    rows = client.query(sys.argv[2], filter="", limit=16384, output_fields=[
+        "id", "vector", "content_hash", "model", "dimensions", "metadata", "text"])
+client.close()
+print(json.dumps([{**r, "vector": [float(x) for x in r["vector"]]} for r in rows]))
+"""
 
 
 @dataclass
@@ -90,7 +106,11 @@ def read_all(kind: str, where: Path, name: str, pg_uri: str | None = None) -> di
                 f'SELECT id, vector, content_hash, model, dimensions, metadata, text FROM "{name}"')}
     if kind == "chroma":
         import chromadb
+        from chromadb.api.client import SharedSystemClient
 
+        # chromadb keeps one client per path for the process, with the index in memory; another
+        # process (a killed or resumed run) may have changed the files since: read them afresh.
+        SharedSystemClient.clear_system_cache()
         client = chromadb.PersistentClient(path=str(where / "chroma"))
         if name not in [c.name for c in client.list_collections()]:
             return {}
@@ -122,19 +142,13 @@ def read_all(kind: str, where: Path, name: str, pg_uri: str | None = None) -> di
         finally:
             client.close()
     if kind == "milvus":
-        from pymilvus import MilvusClient
-
-        client = MilvusClient(str(where / "milvus.db"))
-        try:
-            if not client.has_collection(name):
-                return {}
-            client.load_collection(name)
-            rows = client.query(name, filter="", limit=16_384, output_fields=[
-                "id", "vector", "content_hash", "model", "dimensions", "metadata", "text"])
-            return {r["id"]: Row(np.asarray(r["vector"], dtype=np.float32), r["content_hash"], r["model"],
-                                 r["dimensions"], json.loads(r["metadata"]), r["text"]) for r in rows}
-        finally:
-            client.close()
+        # In a child process: milvus-lite keeps one server per file for the life of the process that
+        # opened it, so a reader here would keep seeing the file as it was when first opened, and
+        # would hold its lock against the next run.
+        out = subprocess.run([sys.executable, "-c", _MILVUS_READER, str(where / "milvus.db"), name],
+                             capture_output=True, text=True, timeout=60, check=True).stdout
+        return {r["id"]: Row(np.asarray(r["vector"], dtype=np.float32), r["content_hash"], r["model"],
+                             r["dimensions"], json.loads(r["metadata"]), r["text"]) for r in json.loads(out)}
     raise ValueError(kind)
 
 

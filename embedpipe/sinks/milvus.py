@@ -61,8 +61,21 @@ class MilvusSink(DatabaseSink):
             kwargs["token"] = token
         if db:
             kwargs["db_name"] = db
-        self.client = pymilvus.MilvusClient(uri, **kwargs)
+        self.client = self._connect(pymilvus, uri, kwargs)
         self._loaded = False
+
+    def _connect(self, pymilvus: Any, uri: str, kwargs: dict[str, Any]) -> Any:
+        from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, stop_after_delay, wait_fixed
+
+        local = "://" not in uri
+        # After a crash, the killed run's milvus-lite server holds the file until it notices its
+        # parent is gone (a few seconds): opening the file again is worth retrying a while.
+        retrying = Retrying(stop=stop_after_delay(30) if local else stop_after_attempt(1), wait=wait_fixed(0.5),
+                            retry=retry_if_exception_type(pymilvus.exceptions.ConnectionConfigException), reraise=True)
+        try:
+            return retrying(pymilvus.MilvusClient, uri, **kwargs)
+        except pymilvus.MilvusException as exc:
+            raise SinkError(f"{self.location()} could not be opened: {exc}") from exc
 
     @classmethod
     def from_url(cls, url: URL, **_: Any) -> MilvusSink:
@@ -165,6 +178,11 @@ class MilvusSink(DatabaseSink):
 
     def close(self) -> None:
         self.client.close()
+        if "://" not in self.uri:
+            # milvus-lite keeps the file's server (and its lock) for the life of the process unless told.
+            from milvus_lite.server_manager import server_manager_instance
+
+            server_manager_instance.release_server(self.uri)
 
 
 __all__ = ["MilvusSink", "cut_utf8"]
