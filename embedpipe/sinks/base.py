@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -199,6 +199,12 @@ class DatabaseSink(Sink):
 
     def drop(self) -> None:
         """Remove the collection and everything in it (absent: nothing to do)."""
+        raise NotImplementedError
+
+    def pairs(self, text_field: str, batch_size: int) -> Iterator[tuple[list[str], np.ndarray]]:
+        """Every (text, vector) of the collection, ``batch_size`` at a time: for warming a cache from it.
+
+        ``text_field`` names the column or payload field that holds the text."""
         raise NotImplementedError
 
     def is_transient(self, exc: BaseException) -> bool:

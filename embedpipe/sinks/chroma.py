@@ -13,7 +13,7 @@ Options: ``collection`` (required), ``metric``, ``batch_size`` (default 1000),
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -125,6 +125,23 @@ class ChromaSink(DatabaseSink):
         got = col.get(ids=list(ids), include=["embeddings", "metadatas"])
         return {i: Stored(np.asarray(v, dtype=np.float32), str((m or {}).get("content_hash")))
                 for i, v, m in zip(got["ids"], got["embeddings"], got["metadatas"], strict=True)}
+
+    def pairs(self, text_field: str, batch_size: int) -> Iterator[tuple[list[str], np.ndarray]]:
+        col = self._get()
+        if col is None:
+            raise ConfigurationError(f"{self.location()} does not exist")
+        # The text is the Chroma document, unless text_field names a metadata key.
+        in_doc = text_field in ("text", "document", "documents")
+        offset = 0
+        while True:
+            got = col.get(limit=batch_size, offset=offset, include=["embeddings", "documents", "metadatas"])
+            if not got["ids"]:
+                return
+            offset += len(got["ids"])
+            texts: list[Any] = got["documents"] if in_doc else [(m or {}).get(text_field) for m in got["metadatas"]]
+            keep = [i for i, t in enumerate(texts) if isinstance(t, str)]
+            if keep:
+                yield [texts[i] for i in keep], np.asarray(got["embeddings"], dtype=np.float32)[keep]
 
     def count_rows(self) -> int:
         col = self._get()

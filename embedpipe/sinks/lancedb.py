@@ -13,7 +13,7 @@ Options: ``table`` (required), ``batch_size`` (default 10000), ``store_text``, `
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -123,6 +123,20 @@ class LanceDBSink(DatabaseSink):
                .limit(len(ids)).to_arrow())
         return {r["id"]: Stored(np.asarray(r["vector"], dtype=np.float32), r["content_hash"])
                 for r in got.to_pylist()}
+
+    def pairs(self, text_field: str, batch_size: int) -> Iterator[tuple[list[str], np.ndarray]]:
+        table = self._get()
+        if table is None:
+            raise ConfigurationError(f"{self.location()} does not exist")
+        if text_field not in table.schema.names:
+            raise ConfigurationError(f"{self.location()} has no {text_field!r} column ({table.schema.names})")
+        for offset in range(0, table.count_rows(), batch_size):
+            got = table.search().select([text_field, "vector"]).offset(offset).limit(batch_size).to_arrow()
+            texts = got.column(text_field).to_pylist()
+            keep = [i for i, t in enumerate(texts) if isinstance(t, str)]
+            vectors = np.asarray(got.column("vector").to_pylist(), dtype=np.float32)
+            if keep:
+                yield [texts[i] for i in keep], vectors[keep]
 
     def count_rows(self) -> int:
         table = self._get()

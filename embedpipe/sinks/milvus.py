@@ -16,7 +16,7 @@ Options: ``collection`` (required), ``metric``, ``batch_size`` (default 1000), `
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -163,6 +163,21 @@ class MilvusSink(DatabaseSink):
         got = self.client.query(self.collection, filter=f"id in {json.dumps(list(ids))}",
                                 output_fields=["id", "vector", "content_hash"])
         return {r["id"]: Stored(np.asarray(r["vector"], dtype=np.float32), r["content_hash"]) for r in got}
+
+    def pairs(self, text_field: str, batch_size: int) -> Iterator[tuple[list[str], np.ndarray]]:
+        if not self._exists():
+            raise ConfigurationError(f"{self.location()} does not exist")
+        self._ensure_loaded()
+        it = self.client.query_iterator(self.collection, batch_size=batch_size, output_fields=[text_field, "vector"])
+        try:
+            while rows := it.next():
+                # A text cut at Milvus's VARCHAR limit is not the text its vector was made from.
+                keep = [r for r in rows if isinstance(r.get(text_field), str)
+                        and len(r[text_field].encode("utf-8", "surrogatepass")) < VARCHAR_MAX]
+                if keep:
+                    yield [r[text_field] for r in keep], np.asarray([r["vector"] for r in keep], dtype=np.float32)
+        finally:
+            it.close()
 
     def count_rows(self) -> int:
         if not self._exists():

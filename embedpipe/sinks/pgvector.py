@@ -17,7 +17,7 @@ none), ``batch_size`` (rows per transaction, default 5000), ``store_text``,
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -195,6 +195,21 @@ class PgVectorSink(DatabaseSink):
             cur.execute(sql.SQL("SELECT id, vector, content_hash FROM {} WHERE id = ANY(%s)").format(self._ident()),
                         (list(ids),))
             return {i: Stored(np.asarray(v.to_numpy(), dtype=np.float32), h) for i, v, h in cur}
+
+    def pairs(self, text_field: str, batch_size: int) -> Iterator[tuple[list[str], np.ndarray]]:
+        from psycopg import sql
+
+        driver, pgv = _psycopg()
+        # A connection of its own: a named (server-side) cursor lives in a transaction.
+        with driver.connect(self.dsn) as conn:
+            pgv.register_vector(conn)
+            conn.read_only = True
+            with conn.cursor(name="embedpipe_pairs", binary=True) as cur:
+                cur.itersize = batch_size
+                cur.execute(sql.SQL("SELECT {}, vector FROM {} WHERE {} IS NOT NULL").format(
+                    sql.Identifier(text_field), self._ident(), sql.Identifier(text_field)))
+                while rows := cur.fetchmany(batch_size):
+                    yield [str(t) for t, _ in rows], np.stack([v.to_numpy() for _, v in rows])
 
     def count_rows(self) -> int:
         from psycopg import sql

@@ -19,7 +19,7 @@ Options: ``collection`` (required), ``metric``, ``batch_size`` (default 256), ``
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -142,6 +142,20 @@ class QdrantSink(DatabaseSink):
                                       with_payload=["id", "content_hash"])
         return {str(p.payload["id"]): Stored(np.asarray(p.vector, dtype=np.float32), str(p.payload["content_hash"]))
                 for p in points if p.payload}
+
+    def pairs(self, text_field: str, batch_size: int) -> Iterator[tuple[list[str], np.ndarray]]:
+        if not self.client.collection_exists(self.collection):
+            raise ConfigurationError(f"{self.location()} does not exist")
+        offset = None
+        while True:
+            points, offset = self.client.scroll(self.collection, limit=batch_size, offset=offset, with_vectors=True,
+                                                with_payload=[text_field])
+            keep = [p for p in points if p.payload and isinstance(p.payload.get(text_field), str)]
+            if keep:
+                yield ([str(p.payload[text_field]) for p in keep if p.payload],
+                       np.asarray([p.vector for p in keep], dtype=np.float32))
+            if offset is None:
+                return
 
     def count_rows(self) -> int:
         if not self.client.collection_exists(self.collection):
