@@ -469,5 +469,9 @@ def eval_(docs: str, more_models: tuple[str, ...], models: tuple[str, ...], quer
                f"wrote {out}/report.md and {out}/results.json")
 
 
+from embedpipe.cli_watch import watch  # noqa: E402  (a command of its own module, registered here)
+
+main.add_command(watch)
+
 if __name__ == "__main__":
     main()
