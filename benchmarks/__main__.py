@@ -34,6 +34,7 @@ SCENARIOS = {
     "memory": "benchmarks.memory",
     "overhead": "benchmarks.overhead",
     "compact": "benchmarks.compact",
+    "dbsinks": "benchmarks.dbsinks",
 }
 
 REPO = Path(__file__).resolve().parents[1]

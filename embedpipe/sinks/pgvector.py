@@ -8,7 +8,9 @@ HNSW index for the metric unless ``?index=none``::
 
 Each batch is staged with a binary ``COPY`` into a temporary table and merged with
 ``INSERT ... ON CONFLICT (id) DO UPDATE`` in one transaction, so a replayed batch changes
-nothing. Read-back uses a binary cursor, so vectors come back as the exact float32 written.
+nothing. A batch none of whose ids is in the table yet (a first load) is copied straight in,
+in a transaction that first checks so. Read-back uses a binary cursor, so vectors come back
+as the exact float32 written.
 
 Options: ``table`` (required), ``schema``, ``metric`` (cosine, l2, ip), ``index`` (hnsw,
 none), ``batch_size`` (rows per transaction, default 5000), ``store_text``,
@@ -158,29 +160,62 @@ class PgVectorSink(DatabaseSink):
                     sql.Identifier(f"{self.table}_vector_hnsw"), self._ident(), sql.SQL(OPCLASS[self.metric])))
 
     def upsert(self, rows: Rows) -> None:
-        from psycopg import sql
+        import psycopg.errors
 
         conn = self.connection()
+        if len(set(rows.ids)) == len(rows.ids):
+            try:
+                with conn.transaction():
+                    if not self._any_exist(conn, rows.ids):
+                        # None of the ids is in the table (a first load, new records): COPY straight
+                        # in, one write instead of the staging table's two.
+                        self._copy(conn, self._ident(), rows, ("metadata", "jsonb"))
+                        return
+            except psycopg.errors.UniqueViolation:
+                pass  # another writer inserted one of them meanwhile: merge instead
+        self._merge(conn, rows)
+
+    def _any_exist(self, conn: psycopg.Connection[Any], ids: Sequence[str]) -> bool:
+        from psycopg import sql
+
+        row = conn.execute(sql.SQL("SELECT EXISTS (SELECT 1 FROM {} WHERE id = ANY(%s))").format(self._ident()),
+                           (list(ids),)).fetchone()
+        return bool(row and row[0])
+
+    def _copy(self, conn: psycopg.Connection[Any], target: Any, rows: Rows, metadata: tuple[str, str]) -> None:
+        from psycopg import sql
+
+        texts = rows.texts if rows.texts is not None else [None] * len(rows)
+        with conn.cursor() as cur, cur.copy(sql.SQL(
+                "COPY {} (id, vector, content_hash, model, dimensions, metadata, text) FROM STDIN (FORMAT BINARY)"
+        ).format(target)) as copy:
+            # jsonb's binary form is a version byte and the JSON text: written here as bytes, so the
+            # metadata JSON goes in exactly as the job made it.
+            copy.set_types(["text", "vector", "text", "text", "int4", "bytea" if metadata[1] == "jsonb" else "text",
+                            "text"])
+            for row in zip(rows.ids, rows.vectors, rows.content_hashes, [rows.model] * len(rows),
+                           [rows.dimensions] * len(rows),
+                           [b"\x01" + m.encode() for m in rows.metadata] if metadata[1] == "jsonb" else rows.metadata,
+                           texts, strict=True):
+                copy.write_row(row)
+
+    def _merge(self, conn: psycopg.Connection[Any], rows: Rows) -> None:
+        from psycopg import sql
+
         with conn.transaction():
             conn.execute(sql.SQL(
                 "CREATE TEMP TABLE IF NOT EXISTS {} (id text, vector vector, content_hash text, model text, "
                 "dimensions integer, metadata text, text text) ON COMMIT DELETE ROWS").format(
                     sql.Identifier(_STAGE)))
-            with conn.cursor() as cur:
-                with cur.copy(sql.SQL("COPY {} FROM STDIN (FORMAT BINARY)").format(sql.Identifier(_STAGE))) as copy:
-                    copy.set_types(["text", "vector", "text", "text", "int4", "text", "text"])
-                    texts = rows.texts if rows.texts is not None else [None] * len(rows)
-                    for row in zip(rows.ids, rows.vectors, rows.content_hashes, [rows.model] * len(rows),
-                                   [rows.dimensions] * len(rows), rows.metadata, texts, strict=True):
-                        copy.write_row(row)
-                # Two rows of one id in a batch cannot both go through ON CONFLICT: keep one.
-                cur.execute(sql.SQL(
-                    "INSERT INTO {} (id, vector, content_hash, model, dimensions, metadata, text) "
-                    "SELECT DISTINCT ON (id) id, vector, content_hash, model, dimensions, metadata::jsonb, text "
-                    "FROM {} ORDER BY id "
-                    "ON CONFLICT (id) DO UPDATE SET vector = EXCLUDED.vector, content_hash = EXCLUDED.content_hash, "
-                    "model = EXCLUDED.model, dimensions = EXCLUDED.dimensions, metadata = EXCLUDED.metadata, "
-                    "text = EXCLUDED.text").format(self._ident(), sql.Identifier(_STAGE)))
+            self._copy(conn, sql.Identifier(_STAGE), rows, ("metadata", "text"))
+            # Two rows of one id in a batch cannot both go through ON CONFLICT: keep one.
+            conn.execute(sql.SQL(
+                "INSERT INTO {} (id, vector, content_hash, model, dimensions, metadata, text) "
+                "SELECT DISTINCT ON (id) id, vector, content_hash, model, dimensions, metadata::jsonb, text "
+                "FROM {} ORDER BY id "
+                "ON CONFLICT (id) DO UPDATE SET vector = EXCLUDED.vector, content_hash = EXCLUDED.content_hash, "
+                "model = EXCLUDED.model, dimensions = EXCLUDED.dimensions, metadata = EXCLUDED.metadata, "
+                "text = EXCLUDED.text").format(self._ident(), sql.Identifier(_STAGE)))
 
     def remove(self, ids: Sequence[str]) -> None:
         from psycopg import sql
