@@ -160,16 +160,16 @@ def pg_uri() -> Iterator[str]:
 
 
 @pytest.fixture(params=KINDS)
-def kind(request: pytest.FixtureRequest) -> str:
+def db_kind(request: pytest.FixtureRequest) -> str:
     """Each sink in turn: every sink test runs against all five engines."""
     return str(request.param)
 
 
 @pytest.fixture
-def engine(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> Engine:
-    """The engine of ``kind``: its URL builder and its native reader, over ``tmp_path``."""
-    uri = request.getfixturevalue("pg_uri") if kind == "pgvector" else None
-    return Engine(kind, tmp_path, uri)
+def db_engine(db_kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> Engine:
+    """The engine of ``db_kind``: its URL builder and its native reader, over ``tmp_path``."""
+    uri = request.getfixturevalue("pg_uri") if db_kind == "pgvector" else None
+    return Engine(db_kind, tmp_path, uri)
 
 
 @dataclass

@@ -21,9 +21,9 @@ from tests.test_jobs import DIMS, MODEL, make_records, openai_args
 
 
 @pytest.fixture
-def filled(engine: Engine, openai_server: OpenAITestServer, tmp_path: Path) -> str:
+def filled(db_engine: Engine, openai_server: OpenAITestServer, tmp_path: Path) -> str:
     """A collection that a run of :data:`MODEL` on the test server filled with 20 records; its URL."""
-    url = engine.url(f"warm_{tmp_path.name[-12:].replace('-', '_')}")
+    url = db_engine.url(f"warm_{tmp_path.name[-12:].replace('-', '_')}")
     result = jobs.run(make_records(20), out=url, state=tmp_path / "s.sqlite",
                       **openai_args(openai_server, tmp_path, cache="memory://"))
     assert result.written == 20

@@ -58,58 +58,58 @@ def assert_mirrors(rows: dict[str, Row], records: list[dict[str, Any]], *, vecto
         assert row.text == rec["text"]
 
 
-def test_a_run_mirrors_the_source_and_a_rerun_applies_edits_and_deletes(engine: Engine, tmp_path: Path) -> None:
+def test_a_run_mirrors_the_source_and_a_rerun_applies_edits_and_deletes(db_engine: Engine, tmp_path: Path) -> None:
     records = make_records(300)
     table = name()
-    sink = sink_of(engine.url(table, batch_size="64"))
+    sink = sink_of(db_engine.url(table, batch_size="64"))
     state = tmp_path / "state.sqlite"
     result = jobs.run(records, model=FAKE, out=sink, state=state, cache="memory://", chunk_size=100)
     assert (result.written, result.exit_code) == (300, 0)
     assert sink.verified == sink.verify_sample == 32  # a sample was read back and matched
-    assert_mirrors(engine.rows(table), records)
+    assert_mirrors(db_engine.rows(table), records)
 
     edited = [dict(r, text=r["text"] + " (edited)") if i < 10 else r for i, r in enumerate(records[:-5])]
     edited += make_records(5, prefix="new")
-    sink = sink_of(engine.url(table, batch_size="64"))
+    sink = sink_of(db_engine.url(table, batch_size="64"))
     again = jobs.run(edited, model=FAKE, out=sink, state=state, cache="memory://", chunk_size=100)
     assert (again.written, again.deleted, again.unchanged) == (15, 5, 285)
-    assert_mirrors(engine.rows(table), edited)
+    assert_mirrors(db_engine.rows(table), edited)
 
 
-def test_a_metadata_only_change_is_rewritten_with_the_cached_vector(engine: Engine, tmp_path: Path) -> None:
+def test_a_metadata_only_change_is_rewritten_with_the_cached_vector(db_engine: Engine, tmp_path: Path) -> None:
     records = make_records(20)
     table, cache = name(), f"sqlite:///{tmp_path}/cache.db"
-    jobs.run(records, model=FAKE, out=engine.url(table), state=tmp_path / "s.sqlite", cache=cache)
+    jobs.run(records, model=FAKE, out=db_engine.url(table), state=tmp_path / "s.sqlite", cache=cache)
     relabelled = [dict(r, topic="changed") if i % 2 else r for i, r in enumerate(records)]
-    again = jobs.run(relabelled, model=FAKE, out=engine.url(table), state=tmp_path / "s.sqlite", cache=cache)
+    again = jobs.run(relabelled, model=FAKE, out=db_engine.url(table), state=tmp_path / "s.sqlite", cache=cache)
     assert (again.written, again.embedded, again.cached) == (10, 0, 10)
-    assert_mirrors(engine.rows(table), relabelled)
+    assert_mirrors(db_engine.rows(table), relabelled)
 
 
-def test_a_dimension_mismatch_is_a_configuration_error_and_writes_nothing(engine: Engine, tmp_path: Path) -> None:
+def test_a_dimension_mismatch_is_a_configuration_error_and_writes_nothing(db_engine: Engine, tmp_path: Path) -> None:
     table = name()
     first = make_records(10)
-    jobs.run(first, model=FAKE, out=engine.url(table), state=tmp_path / "a.sqlite", cache="memory://")
+    jobs.run(first, model=FAKE, out=db_engine.url(table), state=tmp_path / "a.sqlite", cache="memory://")
     with pytest.raises(CollectionMismatchError, match=r"16-dimensional.*8-dimensional.*nothing was written"):
-        jobs.run(make_records(10, prefix="other"), model="fake:8", out=engine.url(table),
+        jobs.run(make_records(10, prefix="other"), model="fake:8", out=db_engine.url(table),
                  state=tmp_path / "b.sqlite", cache="memory://")
-    assert_mirrors(engine.rows(table), first)
+    assert_mirrors(db_engine.rows(table), first)
 
 
-def test_a_metric_mismatch_is_refused_where_the_engine_records_the_metric(engine: Engine, tmp_path: Path) -> None:
-    if engine.kind == "lancedb":
+def test_a_metric_mismatch_is_refused_where_the_engine_records_the_metric(db_engine: Engine, tmp_path: Path) -> None:
+    if db_engine.kind == "lancedb":
         pytest.skip("LanceDB keeps no metric with a table (it is chosen per query)")
     table = name()
     first = make_records(5)
-    jobs.run(first, model=FAKE, out=engine.url(table), state=tmp_path / "a.sqlite", cache="memory://")
+    jobs.run(first, model=FAKE, out=db_engine.url(table), state=tmp_path / "a.sqlite", cache="memory://")
     with pytest.raises(CollectionMismatchError, match="cosine metric, not l2"):
-        jobs.run(make_records(5, prefix="x"), model=FAKE, out=engine.url(table, metric="l2"),
+        jobs.run(make_records(5, prefix="x"), model=FAKE, out=db_engine.url(table, metric="l2"),
                  state=tmp_path / "b.sqlite", cache="memory://")
-    assert_mirrors(engine.rows(table), first)
+    assert_mirrors(db_engine.rows(table), first)
 
 
-def test_read_back_finds_a_vector_that_differs_from_what_was_written(engine: Engine) -> None:
-    sink = sink_of(engine.url(name()))
+def test_read_back_finds_a_vector_that_differs_from_what_was_written(db_engine: Engine) -> None:
+    sink = sink_of(db_engine.url(name()))
     try:
         entries = [Entry.of(Record(f"r{i}", f"text {i}", {})) for i in range(4)]
         vectors = np.stack([fake_vector(e.record.text, 16) for e in entries])
@@ -125,26 +125,26 @@ def test_read_back_finds_a_vector_that_differs_from_what_was_written(engine: Eng
         sink.close()
 
 
-def test_a_rebuild_drops_the_collection_and_starts_over(engine: Engine, tmp_path: Path) -> None:
+def test_a_rebuild_drops_the_collection_and_starts_over(db_engine: Engine, tmp_path: Path) -> None:
     table = name()
-    jobs.run(make_records(10), model=FAKE, out=engine.url(table), state=tmp_path / "s.sqlite", cache="memory://")
+    jobs.run(make_records(10), model=FAKE, out=db_engine.url(table), state=tmp_path / "s.sqlite", cache="memory://")
     small = make_records(4, prefix="rebuilt")
-    result = jobs.run(small, model="fake:8", out=engine.url(table), state=tmp_path / "s.sqlite", cache="memory://",
+    result = jobs.run(small, model="fake:8", out=db_engine.url(table), state=tmp_path / "s.sqlite", cache="memory://",
                       rebuild=True)
     assert result.written == 4
-    assert_mirrors(engine.rows(table), small, dims=8, model="fake:8")
+    assert_mirrors(db_engine.rows(table), small, dims=8, model="fake:8")
 
 
-def test_a_collection_emptied_behind_the_jobs_back_is_written_again(engine: Engine, tmp_path: Path) -> None:
+def test_a_collection_emptied_behind_the_jobs_back_is_written_again(db_engine: Engine, tmp_path: Path) -> None:
     records = make_records(12)
     table = name()
-    jobs.run(records, model=FAKE, out=engine.url(table), state=tmp_path / "s.sqlite", cache="memory://")
-    sink = sink_of(engine.url(table))
+    jobs.run(records, model=FAKE, out=db_engine.url(table), state=tmp_path / "s.sqlite", cache="memory://")
+    sink = sink_of(db_engine.url(table))
     sink.reset()
     sink.close()
-    result = jobs.run(records, model=FAKE, out=engine.url(table), state=tmp_path / "s.sqlite", cache="memory://")
+    result = jobs.run(records, model=FAKE, out=db_engine.url(table), state=tmp_path / "s.sqlite", cache="memory://")
     assert result.written == 12
-    assert_mirrors(engine.rows(table), records)
+    assert_mirrors(db_engine.rows(table), records)
 
 
 # ------------------------------------------------------------------ killed mid-run, then resumed
@@ -159,7 +159,7 @@ def _state_rows(path: Path) -> int:
 
 
 def test_sigkill_mid_run_then_resume_writes_every_record_exactly_once_and_applies_deletes(
-        engine: Engine, tmp_path: Path) -> None:
+        db_engine: Engine, tmp_path: Path) -> None:
     # No shared cache: a killed run's single-flight claims in one would hold the resumed run up for
     # their whole TTL, and what is tested here is the sink (re-embedding is free on this server).
     table = name()
@@ -170,11 +170,11 @@ def test_sigkill_mid_run_then_resume_writes_every_record_exactly_once_and_applie
     with OpenAITestServer(latency=0.1) as server:
         def cmd(src: Path) -> list[str]:
             return [sys.executable, "-m", "embedpipe.cli", "run", str(src), "--model", MODEL, "--dimensions",
-                    str(DIMS), "--out", engine.url(table, batch_size="16"), "--state", str(state), "--base-url",
+                    str(DIMS), "--out", db_engine.url(table, batch_size="16"), "--state", str(state), "--base-url",
                     server.base_url, "--cache", "memory://", "--chunk-size", "20",
                     "--batch-size", "10", "--max-concurrency", "1", "--no-estimate"]
 
-        done = jobs.run(first, model=MODEL, dimensions=DIMS, out=engine.url(table), state=state, cache="memory://",
+        done = jobs.run(first, model=MODEL, dimensions=DIMS, out=db_engine.url(table), state=state, cache="memory://",
                         base_url=server.base_url, api_key="sk-test")
         assert done.exit_code == 0
         src = write_jsonl(tmp_path / "src.jsonl", records)
@@ -187,13 +187,13 @@ def test_sigkill_mid_run_then_resume_writes_every_record_exactly_once_and_applie
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=30)
         assert proc.returncode == -signal.SIGKILL
-        at_kill = engine.rows(table)
+        at_kill = db_engine.rows(table)
         assert len(set(at_kill) & {r["id"] for r in records}) < len(records), "the kill landed after the run"
         assert set(at_kill) >= {r["id"] for r in first[:10]}, "the deletes ran before the kill"
 
         again = subprocess.run(cmd(src), env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert again.returncode == 0, again.stdout + again.stderr
-    assert_mirrors(engine.rows(table), records, vector=lambda t: expected_vector(t, DIMS), model=MODEL, dims=DIMS)
+    assert_mirrors(db_engine.rows(table), records, vector=lambda t: expected_vector(t, DIMS), model=MODEL, dims=DIMS)
 
 
 # ------------------------------------------------------------------ pgvector: errors mapped in one place
