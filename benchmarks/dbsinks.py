@@ -199,6 +199,7 @@ def _embedpipe(records: list[dict[str, Any]], out: str, state: Path, cache: str)
 
 def run(ctx: Context) -> Result:
     n = 2_000 if ctx.quick else 100_000
+    n = int(os.environ.get("EMBEDPIPE_BENCH_RECORDS", n))  # another size, to rerun a few sinks
     records = _records(n)
     scratch = ctx.scratch_dir(NAME)
     rows, data = [], {}
