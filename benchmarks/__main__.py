@@ -40,6 +40,7 @@ SCENARIOS = {
     "dupspend": "benchmarks.dupspend",
     "multimodal": "benchmarks.multimodal",
     "batch_api": "benchmarks.batch_api",
+    "dbsinks": "benchmarks.dbsinks",
 }
 
 REPO = Path(__file__).resolve().parents[1]

@@ -12,6 +12,7 @@ import datetime as dt
 import functools
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -643,21 +644,26 @@ def cache_export(path: str, cache: str | None) -> None:
 
 
 @cache.command("import")
-@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@click.argument("path")
 @_cache_option
 @click.option("--model", "-m", help="The model of a file of text and vector columns (to derive the cache keys).")
 @click.option("--dimensions", type=click.IntRange(min=1), help="Their dimensions, if not the model's native ones.")
 @click.option("--base-url", help="The OpenAI-compatible server they came from, if not OpenAI's.")
+@click.option("--text-field", default="text", show_default=True, help="The column or payload field of the texts.")
 @_handle_errors
 def cache_import(path: str, cache: str | None, model: str | None, dimensions: int | None,
-                 base_url: str | None) -> None:
-    """Warm the cache from a Parquet file: an export (key, vector), or text and vector columns with --model."""
+                 base_url: str | None, text_field: str) -> None:
+    """Warm the cache from a Parquet file (an export, or text and vector columns with --model) or from a vector
+    database's URL (postgresql://...?table=docs, qdrant://, chroma://, lancedb://, milvus://) with --model."""
     from embedpipe.cache import cache_from_url
     from embedpipe.jobs import import_cache
 
+    if "://" not in path and not os.path.isfile(path):
+        raise click.BadParameter(f"{path!r} is neither a file nor a database URL", param_hint="PATH")
     backend = cache_from_url(_cache_url(cache))
     try:
-        n = import_cache(backend, path, model=model, dimensions=dimensions, base_url=base_url)
+        n = import_cache(backend, path, model=model, dimensions=dimensions, base_url=base_url,
+                         text_field=text_field)
     finally:
         backend.close()
     click.echo(f"{n:,} vectors imported")
@@ -695,6 +701,9 @@ def eval_(docs: str, more_models: tuple[str, ...], models: tuple[str, ...], quer
 
 
 main.add_command(serve_command)  # embedpipe serve: the service lives in embedpipe/serve/cli.py
+from embedpipe.cli_watch import watch  # noqa: E402  (a command of its own module, registered here)
+
+main.add_command(watch)
 
 if __name__ == "__main__":
     main()

@@ -37,7 +37,8 @@ __all__ = ["Registry", "caches", "dead_letter_stores", "job_stores", "key_stores
 Factory = Callable[..., Any]
 
 #: the extra that installs a module a built-in backend imports
-_EXTRAS = {"redis": "redis", "pyarrow": "cli"}
+_EXTRAS = {"redis": "redis", "pyarrow": "cli", "psycopg": "pgvector", "pgvector": "pgvector", "qdrant_client": "qdrant",
+           "chromadb": "chroma", "lancedb": "lancedb", "pymilvus": "milvus", "pymysql": "mysql"}
 
 
 class Registry:
@@ -160,11 +161,23 @@ sources = Registry("source", "embedpipe.sources", {
     "dir": "embedpipe.jobs.sources:DirectorySource.from_url",
     "images": "embedpipe.jobs.media:ImageFolderSource.from_url",
     "audio": "embedpipe.jobs.media:AudioFolderSource.from_url",
+    "postgresql": "embedpipe.sources.sql:PostgresSource.from_url",
+    "postgres": "embedpipe.sources.sql:PostgresSource.from_url",
+    "mysql": "embedpipe.sources.sql:MySQLSource.from_url",
+    "mariadb": "embedpipe.sources.sql:MySQLSource.from_url",
+    "sqlite": "embedpipe.sources.sql:SQLiteSource.from_url",
 })
 
 sinks = Registry("sink", "embedpipe.sinks", {
     "parquet": "embedpipe.jobs.sinks:ParquetSink.from_url",
     "jsonl": "embedpipe.jobs.sinks:JSONLSink.from_url",
+    "postgresql": "embedpipe.sinks.pgvector:PgVectorSink.from_url",
+    "postgres": "embedpipe.sinks.pgvector:PgVectorSink.from_url",
+    "qdrant": "embedpipe.sinks.qdrant:QdrantSink.from_url",
+    "qdrant+local": "embedpipe.sinks.qdrant:QdrantSink.from_url",
+    "chroma": "embedpipe.sinks.chroma:ChromaSink.from_url",
+    "lancedb": "embedpipe.sinks.lancedb:LanceDBSink.from_url",
+    "milvus": "embedpipe.sinks.milvus:MilvusSink.from_url",
 })
 
 #: sinks for vector-store objects, by the top-level package of the store's class (``jobs.run(out=store)``)

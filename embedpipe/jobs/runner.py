@@ -310,6 +310,7 @@ def run(source: SourceLike, *, out: Any = None, api_key: str | None = None, rebu
             return _with_estimate(result, est, batches.infos() if batches is not None else ())
     finally:
         pipe.close()
+        sink.close()
 
 
 def _with_estimate(result: JobResult, est: JobEstimate | None, batches: tuple[BatchInfo, ...] = ()) -> JobResult:
