@@ -5,6 +5,7 @@ With the real MiniLM model, real JSONL sources, the Parquet sink and the SQLite 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from pathlib import Path
@@ -63,7 +64,7 @@ def test_batches_never_split_a_document(corpus: list[dict[str, str]]) -> None:
     src = ChunkedSource(IterableSource(docs), splitter=StableSplitter(chunk_size=TOKENS))
     batches = list(record_batches(src, 5))
     parents = [[r.metadata["parent_id"] for r in b] for b in batches]
-    for a, b in zip(parents, parents[1:], strict=False):
+    for a, b in itertools.pairwise(parents):
         assert a[-1] != b[0]
     assert sum(map(len, batches)) == len(list(src))
 

@@ -27,11 +27,12 @@ Design (how the job unit carries it, with small edits to :mod:`embedpipe.jobs.un
 3. :func:`embed_entries` is what :func:`~embedpipe.jobs.process_chunk` embeds with. Naive:
    ``pipeline.embed_array`` over the chunk texts (cached per text, as any record). Late: the
    entries are grouped back into documents by ``parent_id``; each document is rebuilt from
-   its chunks placed at their spans (the characters between chunks, whitespace that the
-   splitter strips, become spaces: a WordPiece tokenizer such as MiniLM's sees the same
-   tokens) and embedded with :func:`embedpipe.late_chunking.late_vectors`, cached per
-   document. A job chunk therefore needs no access to the source, and its JSON (what a
-   Celery task carries) holds only chunk records.
+   its chunks placed at their spans (:func:`embedpipe.late_chunking.document_of_chunks`: the
+   characters between chunks, whitespace that the splitter strips, become spaces; a
+   WordPiece tokenizer such as MiniLM's sees the same tokens) and embedded with
+   :func:`embedpipe.late_chunking.late_vectors`, cached per document. A job chunk therefore
+   needs no access to the source, and its JSON (what a Celery task carries) holds only
+   chunk records.
 
 A document whose chunks do not all arrive together (possible only when some were
 dead-lettered and are retried alone) cannot be embedded late: those chunks fail with a
@@ -216,8 +217,10 @@ def embed_entries(spec: JobSpec, pipe: EmbeddingPipeline, entries: Sequence[Entr
 
 def _document_of(parent: str, records: Sequence[Record]) -> tuple[str, list[tuple[int, int]]]:
     """Document ``parent`` rebuilt from all its chunk records (gaps as spaces), and the chunks' spans."""
+    from embedpipe.late_chunking import document_of_chunks
+
     try:
-        spans = [(int(r.metadata["chunk_start"]), int(r.metadata["chunk_end"])) for r in records]
+        placed = [(r.text, int(r.metadata["chunk_start"]), int(r.metadata["chunk_end"])) for r in records]
         index = [int(r.metadata["chunk_index"]) for r in records]
         count = int(records[0].metadata["chunk_count"])
     except (KeyError, TypeError, ValueError) as exc:
@@ -226,16 +229,10 @@ def _document_of(parent: str, records: Sequence[Record]) -> tuple[str, list[tupl
     if sorted(index) != list(range(count)):
         raise ValueError(f"late chunking needs all {count} chunks of document {parent!r} together, got "
                          f"{len(records)}; re-run the job after the document changes, or use chunking='naive'")
-    parts: list[str] = []
-    pos = 0
-    for (start, end), record in sorted(zip(spans, records, strict=True)):
-        if start < pos or end - start != len(record.text):
-            raise ValueError(f"chunk {record.id!r} of document {parent!r}: span {start}:{end} does not fit its "
-                             f"{len(record.text)}-character text")
-        parts.append(" " * (start - pos))
-        parts.append(record.text)
-        pos = end
-    return "".join(parts), spans
+    try:
+        return document_of_chunks(placed)
+    except ValueError as exc:
+        raise ValueError(f"document {parent!r}: {exc}") from None
 
 
 def chunk_options(options: Mapping[str, Any]) -> dict[str, Any]:
