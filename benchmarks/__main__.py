@@ -38,6 +38,9 @@ SCENARIOS = {
     "distributed": "benchmarks.distributed",
     "dupspend": "benchmarks.dupspend",
     "multimodal": "benchmarks.multimodal",
+    "editstable": "benchmarks.editstable",
+    "latechunk": "benchmarks.latechunk",
+    "modelselect": "benchmarks.modelselect",
 }
 
 REPO = Path(__file__).resolve().parents[1]
