@@ -131,6 +131,8 @@ def test_late_job_pools_from_the_document_and_re_embeds_an_edited_document_whole
     n_edited = len(StableSplitter(chunk_size=TOKENS).split_spans(edited[1]["text"]))
     assert third.written == n_edited
     assert third.deleted == len([r for r in rows if r["metadata"]["parent_id"] == docs[1]["id"]])
+    with pytest.raises(ConfigurationError, match="chunking='late'"):  # a chunk alone would get a naive vector
+        jobs.retry_dead_letters(out)
 
 
 def test_late_vectors_need_every_chunk_of_a_document(tmp_path: Path, local_provider: Any,

@@ -238,7 +238,7 @@ def plan_chunks(spec: JobSpec, store: SQLiteJobStore, *, pipeline: EmbeddingPipe
         with store.transaction() as db:
             store.set_meta(db, model=spec_name, requested_dimensions=spec.pipeline.dimensions,
                            sink=sink.describe(), base_url=public_url(spec.pipeline.base_url), job_id=spec.job_id,
-                           spec=_spec_json(spec))
+                           spec=_spec_json(spec), chunking=spec.options.get("chunking"))
         gen = store.begin_run()
         src = job_source(spec, pipe)
         for index, records in enumerate(record_batches(src, spec.chunk_size)):
