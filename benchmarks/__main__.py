@@ -41,6 +41,9 @@ SCENARIOS = {
     "multimodal": "benchmarks.multimodal",
     "batch_api": "benchmarks.batch_api",
     "dbsinks": "benchmarks.dbsinks",
+    "editstable": "benchmarks.editstable",
+    "latechunk": "benchmarks.latechunk",
+    "modelselect": "benchmarks.modelselect",
 }
 
 REPO = Path(__file__).resolve().parents[1]

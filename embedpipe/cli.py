@@ -84,6 +84,13 @@ def _job_options(fn: F) -> F:
         click.option("--batch-size", type=click.IntRange(min=1), help="Inputs per request."),
         click.option("--chunk-size", type=click.IntRange(min=1),
                      help=f"Records read, embedded and written together (default: {JOB_DEFAULTS['chunk_size']})."),
+        click.option("--chunking", type=click.Choice(["naive", "late"]), help="Split each record (a document) into "
+                     "chunks, one output row each (id DOCID#hash); late pools them from the whole document (local "
+                     "models)."),
+        click.option("--splitter", type=click.Choice(["stable"]), help="How --chunking splits (default: stable, "
+                     "edit-stable StableSplitter)."),
+        click.option("--split-tokens", type=click.IntRange(min=2), help="Target chunk size in tokens for --chunking "
+                     "(default: 128)."),
         click.option("--price-per-1m-tokens", type=click.FloatRange(min=0),
                      help="USD per million tokens, for a model whose price embedpipe does not know."),
         click.option("--rebuild", is_flag=True, help="Start over: re-embed everything into OUT (another model "

@@ -26,7 +26,7 @@ from embedpipe.keys import key_material
 if TYPE_CHECKING:
     from embedpipe.pipeline import EmbeddingPipeline
 
-__all__ = ["ChunkingMode", "aembed_chunks", "chunk_spans", "embed_chunks", "late_vectors"]
+__all__ = ["ChunkingMode", "aembed_chunks", "chunk_spans", "document_of_chunks", "embed_chunks", "late_vectors"]
 
 ChunkingMode = Literal["late", "naive"]
 Chunks = Sequence[str] | Sequence[tuple[int, int]]
@@ -62,6 +62,44 @@ def chunk_spans(document: str, chunks: Chunks) -> list[tuple[int, int]]:
     if not spans:
         raise ValueError("no chunks given")
     return spans
+
+
+def document_of_chunks(chunks: Sequence[tuple[str, int | None, int | None]]) -> tuple[str, list[tuple[int, int]]]:
+    """A document rebuilt from its chunks ``(text, start, end)``, in order, and each chunk's span in it.
+
+    For callers that hold a document's chunks but not the document (a job's chunk rows, a
+    LlamaIndex transform's nodes). With every span given, each chunk is placed at its span
+    and the characters between chunks (the whitespace a splitter strips) become spaces;
+    overlapping chunks must agree on what they share. Without spans (any ``None``), the
+    chunks are joined with blank lines. Either way a chunk's span holds its text exactly.
+    Raises ``ValueError`` naming the chunk whose span does not fit.
+    """
+    if not chunks:
+        raise ValueError("no chunks given")
+    if any(s is None or e is None for _, s, e in chunks):
+        spans, pos = [], 0
+        for text, _, _ in chunks:
+            spans.append((pos, pos + len(text)))
+            pos += len(text) + 2
+        return "\n\n".join(text for text, _, _ in chunks), spans
+    placed = [(int(s), int(e), k) for k, (_, s, e) in enumerate(chunks)]  # type: ignore[arg-type]  # None ruled out above
+    parts: list[str] = []
+    pos = 0
+    for start, end, k in sorted(placed):
+        text = chunks[k][0]
+        if end - start != len(text) or start < 0:
+            raise ValueError(f"chunk {k}: span {start}:{end} does not fit its {len(text)}-character text")
+        if start >= pos:
+            parts += [" " * (start - pos), text]
+            pos = end
+            continue
+        shared = min(pos, end) - start
+        if "".join(parts)[start:start + shared] != text[:shared]:
+            raise ValueError(f"chunk {k} overlaps the chunk before it (span {start}:{end}) with other text")
+        if end > pos:
+            parts.append(text[shared:])
+            pos = end
+    return "".join(parts), [(s, e) for s, e, _ in placed]
 
 
 def _late_chunker(pipe: EmbeddingPipeline) -> LateChunker:

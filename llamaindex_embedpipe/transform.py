@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from collections.abc import Sequence
@@ -18,8 +19,10 @@ from llama_index.core.vector_stores.types import BasePydanticVectorStore
 from embedpipe import EmbeddingResult
 from embedpipe._urls import redact
 from embedpipe.deadletters import DeadLetter, DeadLetterStore, aretry, dead_letter_store_from, retry
-from embedpipe.errors import ConfigurationError
+from embedpipe.errors import ConfigurationError, Failure
 from embedpipe.inputs import IMAGE
+from embedpipe.late_chunking import document_of_chunks
+from embedpipe.stats import Stats
 from llamaindex_embedpipe.embedding import EmbedPipeEmbedding, picklable_state
 from llamaindex_embedpipe.multimodal import node_image
 
@@ -59,18 +62,30 @@ class EmbedPipeTransform(TransformComponent):
     - Nodes that already carry an embedding from the same model and dimensions (per their
       ``embedpipe_model`` metadata, which is hidden from embed and LLM text) pass through.
     - Embedded nodes are returned as copies: the inputs keep the hash the docstore compares.
+    - ``chunking="late"`` (local transformer models) embeds the nodes of each document
+      together with late chunking (:meth:`embedpipe.EmbeddingPipeline.embed_chunks`): the
+      nodes are grouped by their document (``ref_doc_id``), in node order, the document is
+      rebuilt from their texts (placed at ``start_char_idx``/``end_char_idx`` when the
+      parser set them, else joined by blank lines), and each node's vector is pooled from
+      the whole document's token outputs. Each node's own text is pooled (metadata is not
+      embedded). Put it right after the node parser, so a document's nodes arrive together.
     - :attr:`counts` counts nodes embedded, cached, skipped and dead-lettered in this process
       (with ``num_workers``, each worker counts its own; use a SQLite ``dead_letter`` there,
       as an in-memory store's letters stay in the worker).
     """
 
     embed_model: EmbedPipeEmbedding = Field(description="The model nodes are embedded with.")
+    chunking: str = Field(default="none", description="'none': each node alone; 'late': a document's nodes "
+                                                      "together, by late chunking (local models).")
 
     _store: DeadLetterStore = PrivateAttr()
     _counts: TransformCounts = PrivateAttr(default_factory=TransformCounts)
 
     def __init__(self, embed_model: EmbedPipeEmbedding | BaseEmbedding | str | dict[str, Any], *,
-                 dead_letter: str | os.PathLike[str] | DeadLetterStore | None = None, **options: Any) -> None:
+                 dead_letter: str | os.PathLike[str] | DeadLetterStore | None = None, chunking: str = "none",
+                 **options: Any) -> None:
+        if chunking not in CHUNKINGS:
+            raise ConfigurationError(f"chunking={chunking!r}: use one of {', '.join(CHUNKINGS)}")
         if isinstance(embed_model, dict):  # from_dict()
             embed_model = EmbedPipeEmbedding.from_dict(embed_model)
         if isinstance(embed_model, EmbedPipeEmbedding):
@@ -80,7 +95,7 @@ class EmbedPipeTransform(TransformComponent):
             embed_model = EmbedPipeEmbedding(embed_model, **options)
         else:
             embed_model = EmbedPipeEmbedding(model=embed_model, **options)
-        fields: dict[str, Any] = {"embed_model": embed_model}
+        fields: dict[str, Any] = {"embed_model": embed_model, "chunking": chunking}
         super().__init__(**fields)
         self._store = dead_letter_store_from(dead_letter)
 
@@ -107,14 +122,21 @@ class EmbedPipeTransform(TransformComponent):
     # ------------------------------------------------------------------ the transform
     def __call__(self, nodes: Sequence[BaseNode], **kwargs: Any) -> list[BaseNode]:
         plan = self._plan(nodes)
-        result = self.embed_model.embed_result(plan.texts, errors="collect") if plan.texts else EmbeddingResult()
+        if self.chunking == "late":
+            result = _late_result(self.embed_model, nodes, plan)
+        else:
+            result = self.embed_model.embed_result(plan.texts, errors="collect") if plan.texts else EmbeddingResult()
         out, letters = self._apply(nodes, plan, result)
         self._store.add(letters)
         return out
 
     async def acall(self, nodes: Sequence[BaseNode], **kwargs: Any) -> list[BaseNode]:
         plan = self._plan(nodes)
-        result = await self.embed_model.aembed_result(plan.texts, errors="collect") if plan.texts else EmbeddingResult()
+        if self.chunking == "late":  # the local model runs in a worker thread
+            result = await asyncio.to_thread(_late_result, self.embed_model, nodes, plan)
+        else:
+            result = await self.embed_model.aembed_result(plan.texts, errors="collect") if plan.texts else \
+                EmbeddingResult()
         out, letters = self._apply(nodes, plan, result)
         await self._store.aadd(letters)
         return out
@@ -227,6 +249,39 @@ class EmbedPipeTransform(TransformComponent):
 
     def __setstate__(self, state: dict[Any, Any]) -> None:
         BaseModel.__setstate__(self, state)
+
+
+def _late_result(model: EmbedPipeEmbedding, nodes: Sequence[BaseNode], plan: _Plan) -> EmbeddingResult:
+    """Late chunk vectors for the planned nodes, one document (``ref_doc_id``) at a time; a document
+    that fails fails each of its nodes."""
+    groups: dict[str, list[int]] = {}
+    for k, i in enumerate(plan.todo):
+        groups.setdefault(nodes[i].ref_doc_id or nodes[i].node_id, []).append(k)
+    rows: list[list[float] | None] = [None] * len(plan.todo)
+    failures: dict[int, Failure] = {}
+    stats = Stats()
+    for ks in groups.values():
+        chunks = [(nodes[plan.todo[k]].get_content(metadata_mode=MetadataMode.NONE),
+                   getattr(nodes[plan.todo[k]], "start_char_idx", None),  # TextNode's; other nodes have none
+                   getattr(nodes[plan.todo[k]], "end_char_idx", None)) for k in ks]
+        try:
+            document, spans = document_of_chunks(chunks)
+            vectors = model.pipeline.embed_chunks(document, spans, mode="late")
+        except ConfigurationError:
+            raise
+        except Exception as exc:  # this document's nodes fail; the others go on
+            bad = isinstance(exc, ValueError)
+            for k in ks:
+                failures[k] = Failure("invalid_input" if bad else "provider", message=f"late chunking failed: {exc}")
+            continue
+        stats.add(embedded=len(ks))
+        for k, v in zip(ks, vectors.tolist(), strict=True):
+            rows[k] = v
+    return EmbeddingResult(rows, failures, False, stats)
+
+
+#: the transform's chunking modes
+CHUNKINGS = ("none", "late")
 
 
 def _hidden(keys: list[str]) -> list[str]:

@@ -145,6 +145,14 @@ def purge_dead_letters(out: Any = None, *, state: str | os.PathLike[str] | None 
         return st.purge(ids)
 
 
+def late_chunked_job_refused(chunking: str | None) -> None:
+    """Raise when the run was a late-chunked job: a letter alone would be embedded without its document."""
+    if chunking == "late":
+        raise ConfigurationError("this output was made with chunking='late': a dead chunk cannot be embedded "
+                                 "without the rest of its document. Fix the document in the source and run the "
+                                 "job again (its chunks are re-planned together)")
+
+
 def retry_dead_letters(out: Any = None, *, state: str | os.PathLike[str] | None = None,
                        ids: list[str] | None = None, api_key: str | None = None, **options: Any) -> RetryResult:
     """Embed the letters again (all, or ``ids``) and write the ones that succeed into the run's output.
@@ -158,6 +166,7 @@ def retry_dead_letters(out: Any = None, *, state: str | os.PathLike[str] | None 
         st.lock()
         if sink is None:
             raise ConfigurationError(f"the state at {st.path} names no file output; pass out= (the vector store)")
+        late_chunked_job_refused(st.get("chunking"))
         options = {k: v for k, v in options.items() if v is not None}
         options.setdefault("model", st.get("model"))
         if not options["model"]:

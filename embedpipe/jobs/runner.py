@@ -26,8 +26,8 @@ from typing import Any
 from embedpipe.cost import BATCH_COMPLETION_WINDOW, batch_price_of, cost_of
 from embedpipe.events import Event, LimiterWaited, RateLimited, RequestDone
 from embedpipe.jobs.batch_api import batch_options, batch_provider, through_batches
+from embedpipe.jobs.chunked import job_source, record_batches
 from embedpipe.jobs.errors import BudgetRefusedError
-from embedpipe.jobs.records import chunked
 from embedpipe.jobs.results import BatchInfo, JobEstimate, JobProgress, JobResult
 from embedpipe.jobs.sinks import Sink, sink_from
 from embedpipe.jobs.sources import Source, source_from
@@ -70,10 +70,9 @@ def estimate_pass(spec: JobSpec, store: SQLiteJobStore, pipe: EmbeddingPipeline,
     """Read the source once and work out what a run would do and cost, with no API call and no write."""
     n = unchanged = meta_only = to_embed = dead = known = 0
     unique = cached = invalid = tokens = requests = 0
-    src = source_from(spec.source, id_field=spec.option("id_field"), text_field=spec.option("text_field"),
-                      format=spec.option("format"))
+    src = job_source(spec, pipe)
     updates_metadata = sink.updates_metadata if sink is not None else True
-    for records in chunked(src, spec.chunk_size):
+    for records in record_batches(src, spec.chunk_size):
         entries, pending, same, meta, gone_dead, seen = classify(store, records, updates_metadata=updates_metadata,
                                                                  gen=None)
         n += len(entries)
@@ -283,8 +282,7 @@ def run(source: SourceLike, *, out: Any = None, api_key: str | None = None, rebu
                         f"the budget of ${spec.budget_usd:.6f}; nothing was sent", est, spec.budget_usd)
             total = est.records if est is not None else None
             if total is None and progress is not None:
-                total = source_from(spec.source, id_field=spec.option("id_field"),
-                                    text_field=spec.option("text_field"), format=spec.option("format")).count()
+                total = job_source(spec).count()
             tracker = _Progress(progress, pipe, total)
             started = time.time()
             before = store.latest_run()

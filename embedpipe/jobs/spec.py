@@ -31,13 +31,14 @@ from typing import Any
 
 from embedpipe.config import PipelineConfig, strip_password
 from embedpipe.errors import ConfigurationError
+from embedpipe.jobs.chunked import check_chunking, chunk_options
 
 #: records read, compared and written together; a chunk is one embed call and one output part
 DEFAULT_CHUNK_SIZE = 2000
 #: bump when a field changes meaning; from_json refuses what it cannot read
 SPEC_VERSION = 1
 #: the source options a spec carries (how records are read from the source)
-SOURCE_OPTIONS = ("id_field", "text_field", "format")
+SOURCE_OPTIONS = ("id_field", "text_field", "format", "chunking", "splitter", "split_tokens")
 #: pipeline options whose default differs in jobs: a long 429 storm should pause a night's run, not end it
 JOB_PIPELINE_DEFAULTS: Mapping[str, Any] = {"max_rate_limit_wait": 900.0}
 #: the options of a run that are not the pipeline's, with their defaults (stated here once)
@@ -49,6 +50,9 @@ JOB_DEFAULTS: Mapping[str, Any] = {
     "id_field": "id",
     "text_field": "text",
     "format": None,
+    "chunking": None,  # each record a document split into chunk rows: "naive" or "late" (embedpipe.jobs.chunked)
+    "splitter": None,
+    "split_tokens": None,
 }
 
 
@@ -69,7 +73,9 @@ class JobSpec:
     :data:`embedpipe.registry.job_stores`); ``None`` is the sink's own (``OUT/_state.sqlite``).
     ``budget_usd`` bounds one run's spend. ``delete_missing`` (the default) mirrors the
     source: records it no longer holds leave the output. ``options`` holds how the source is
-    read (``id_field``, ``text_field``, ``format``).
+    read (``id_field``, ``text_field``, ``format``) and, for a job whose records are
+    documents cut into chunk rows, ``chunking``, ``splitter``, ``split_tokens``
+    (:mod:`embedpipe.jobs.chunked`).
     """
 
     source: Any
@@ -92,6 +98,7 @@ class JobSpec:
         if unknown:
             raise ConfigurationError(f"unknown JobSpec option(s) {unknown}; known: {list(SOURCE_OPTIONS)}")
         object.__setattr__(self, "options", {k: v for k, v in dict(self.options).items() if v is not None})
+        check_chunking(self.options.get("chunking"), self.options.get("splitter"), self.options.get("split_tokens"))
         for name in ("source", "sink", "state"):
             object.__setattr__(self, name, _location(getattr(self, name)))
 
@@ -138,7 +145,8 @@ class JobSpec:
         model = self.pipeline.model
         ident = {"source": name(self.source), "sink": name(self.sink), "model": name(model),
                  "dimensions": self.pipeline.dimensions, "namespace": self.pipeline.namespace,
-                 "id_field": self.option("id_field"), "text_field": self.option("text_field")}
+                 "id_field": self.option("id_field"), "text_field": self.option("text_field"),
+                 **chunk_options(self.options)}  # absent without chunking: older jobs keep their ids
         digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
         return digest[:16]
 

@@ -34,11 +34,11 @@ import numpy as np
 from embedpipe._urls import public_url
 from embedpipe.errors import BudgetExceededError, ConfigurationError
 from embedpipe.events import Hook
+from embedpipe.jobs.chunked import embed_entries, job_source, record_batches
 from embedpipe.jobs.errors import JobAbortedError, JobConflictError
-from embedpipe.jobs.records import Entry, Record, chunked
+from embedpipe.jobs.records import Entry, Record
 from embedpipe.jobs.results import JobResult
 from embedpipe.jobs.sinks import Sink, sink_from
-from embedpipe.jobs.sources import source_from
 from embedpipe.jobs.spec import JobSpec
 from embedpipe.jobs.spill import DiskFullError, Spill, encoded, is_disk_full
 from embedpipe.jobs.state import Failed, SQLiteJobStore, Written, job_store_from
@@ -243,11 +243,10 @@ def plan_chunks(spec: JobSpec, store: SQLiteJobStore, *, pipeline: EmbeddingPipe
         with store.transaction() as db:
             store.set_meta(db, model=spec_name, requested_dimensions=spec.pipeline.dimensions,
                            sink=sink.describe(), base_url=public_url(spec.pipeline.base_url), job_id=spec.job_id,
-                           spec=_spec_json(spec))
+                           spec=_spec_json(spec), chunking=spec.options.get("chunking"))
         gen = store.begin_run()
-        src = source_from(spec.source, id_field=spec.option("id_field"), text_field=spec.option("text_field"),
-                          format=spec.option("format"))
-        for index, records in enumerate(chunked(src, spec.chunk_size)):
+        src = job_source(spec, pipe)
+        for index, records in enumerate(record_batches(src, spec.chunk_size)):
             entries, to_embed, unchanged, meta_only, dead, _ = classify(
                 store, records, updates_metadata=sink.updates_metadata, gen=gen)
             with store.transaction() as db:
@@ -341,7 +340,7 @@ def process_chunk(spec: JobSpec, chunk: Chunk, *, store: ChunkStore, pipeline: E
             if not store.reserve_spend(cid, cost, lease_seconds):  # type: ignore[attr-defined]  # reserves_spend
                 return ChunkOutcome(cid, "budget", attempt, budget_exceeded=True)
         try:
-            arr = pipe.embed_array(texts)
+            arr = embed_entries(spec, pipe, entries)  # embed_array, or late chunk vectors (jobs/chunked.py)
         except BudgetExceededError:
             # The call's estimate did not fit what is left of the budget: nothing was sent.
             return ChunkOutcome(cid, "budget", attempt, budget_exceeded=True)
