@@ -2,6 +2,7 @@
 
 - ``openai:`` providers whose batch holds a text starting ``KILL-THE-WORKER`` end their
   process at once (``os._exit``), as a segfault or the OOM killer would: a poison record.
+- ``$EMBEDPIPE_TEST_SINK_FAILS``: the Parquet sink fails to write records whose text starts with it.
 - ``$EMBEDPIPE_TEST_QUEUE`` names the queue, so a test on the shared RabbitMQ has one of its own;
   ``$EMBEDPIPE_TEST_VISIBILITY`` shortens the Redis visibility timeout.
 """
@@ -31,6 +32,23 @@ def _poisonable(name: str, **opts: Any) -> Provider:
 
 
 PROVIDERS["openai"] = _poisonable
+
+if os.environ.get("EMBEDPIPE_TEST_SINK_FAILS"):
+    # A sink that cannot write records whose text starts with the marker (a failing disk, say), and retries
+    # that come back at once, so a test does not wait out the real backoff.
+    import embedpipe.distributed.celery as _celery
+    from embedpipe.jobs.sinks import ParquetSink
+
+    _celery.BACKOFF_SECONDS = 0.2
+    _marker = os.environ["EMBEDPIPE_TEST_SINK_FAILS"]
+    _write = ParquetSink.write
+
+    def _failing_write(self: ParquetSink, entries: Any, vectors: Any, model: str) -> Any:
+        if any(str(e.record.text).startswith(_marker) for e in entries):
+            raise OSError(f"the test sink cannot write {_marker!r} records")
+        return _write(self, entries, vectors, model)
+
+    ParquetSink.write = _failing_write  # type: ignore[method-assign]
 
 _overrides: dict[str, Any] = {}
 if os.environ.get("EMBEDPIPE_TEST_QUEUE"):

@@ -428,3 +428,19 @@ def test_metrics_ports_of_a_run_and_of_a_prefork_worker(openai_server: OpenAITes
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
+
+
+def test_a_chunk_that_keeps_failing_in_its_worker_is_retried_bisected_and_its_bad_record_dead_lettered(
+        openai_server: OpenAITestServer, broker: PrivateRedis, tmp_path: Path) -> None:
+    records = make_records(8)
+    records[5]["text"] = "SINK-FAILS " + records[5]["text"]
+    spec = _spec(openai_server, tmp_path, records, chunk_size=8)
+    app = make_app(broker.url)
+    env = {"EMBEDPIPE_TEST_SINK_FAILS": "SINK-FAILS"}
+    with workers(Worker(broker.url, tmp_path, "s", concurrency=1, app="tests.celery_app", extra_env=env)):
+        result = distributed.submit(spec, app=app).wait(150)  # the message is never dropped: the job ends
+    assert result.exit_code == 3 and result.dead_letters_total == 1
+    (letter,) = jobs.dead_letters(tmp_path / "out")
+    assert letter.id == records[5]["id"] and "OSError: the test sink cannot write" in letter.reason
+    assert_exactly_once(tmp_path / "out", [r for i, r in enumerate(records) if i != 5])
+    assert set(openai_server.ledger.times_billed.values()) == {1}  # retries came from the cache

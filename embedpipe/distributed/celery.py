@@ -31,6 +31,7 @@ opened after the fork, on first use.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -202,6 +203,15 @@ def run_chunk(task: Task, spec_json: str, chunk_data: dict[str, Any], store_url:
     except JobAbortedError as exc:  # an outage: nothing was dead-lettered for it
         log.warning("embedpipe: %s", exc)
         raise task.retry(countdown=BACKOFF_SECONDS * 6, max_retries=None) from exc
+    except Exception as exc:
+        # Anything else (a sink that cannot write, a full disk): never let Celery drop the message, which would
+        # leave the job waiting for this chunk. Each start counts an attempt, so a chunk that keeps failing is
+        # bisected and its failing records end as dead letters with this reason.
+        with contextlib.suppress(LedgerUnavailableError):
+            ledger.note_error(chunk.chunk_id, f"{type(exc).__name__}: {exc}")
+        log.warning("embedpipe: chunk %s failed (%s: %s); retried in %.0fs", chunk.chunk_id, type(exc).__name__,
+                    exc, BACKOFF_SECONDS)
+        raise task.retry(countdown=BACKOFF_SECONDS, max_retries=None) from exc
     if outcome.status == "budget":
         ledger.stop_at_budget(chunk.chunk_id)
     if outcome.status == "leased":
@@ -218,7 +228,9 @@ def _poison(task: Task, spec_json: str, chunk: Chunk, ledger: RedisJobLedger, st
         return "skipped"
     if len(chunk.records) == 1:
         (entry,) = chunk.records
-        reason = f"the record stopped its worker {ledger.attempts(cid) - 1} times (a crash, or out of memory)"
+        last = ledger.last_error(cid)
+        reason = (f"the record failed {ledger.attempts(cid) - 1} times in its worker (last: {last})" if last else
+                  f"the record stopped its worker {ledger.attempts(cid) - 1} times (a crash, or out of memory)")
         ledger.commit(chunk.gen, [], [Failed(entry, reason)], chunk_id=cid, seq=chunk.seq, counts={"dead": 1})
         log.warning("embedpipe: record %r dead-lettered: %s", entry.record.id, reason)
         return "dead"

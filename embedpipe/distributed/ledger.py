@@ -28,7 +28,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from embedpipe._urls import redact_url
+from embedpipe._urls import redact, redact_url
 from embedpipe.errors import EmbedPipeError
 from embedpipe.jobs.records import Entry, Record
 from embedpipe.jobs.state import Failed, Sample, StoredRecord, Written
@@ -241,6 +241,15 @@ class RedisJobLedger:
         for cid in chunk_ids:
             pipe.hsetnx(self.keys["chunks"], cid, "pending")
         self._call(pipe.execute)
+
+    def note_error(self, chunk_id: str, message: str) -> None:
+        """Keep the last error a chunk failed with (for the dead letter a bisection may end in)."""
+        self._call(self._client.hset, self._prefix + "errors", chunk_id, redact(message)[:500])
+
+    def last_error(self, chunk_id: str) -> str | None:
+        """The last error :meth:`note_error` kept for ``chunk_id``."""
+        value = self._call(self._client.hget, self._prefix + "errors", chunk_id)
+        return None if value is None else value.decode()
 
     def stop_at_budget(self, chunk_id: str) -> None:
         """Mark a chunk that could not get a spend reservation (the job stops, checkpointed)."""
