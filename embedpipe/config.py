@@ -193,16 +193,10 @@ class PipelineConfig:
         value = getattr(self, name)
         if not isinstance(value, str) or "://" not in value:
             return value
-        parts = urlsplit(value)
-        if parts.password is not None:
+        if urlsplit(value).password is not None:
             return value
         secret = self.secret(name)
-        if not secret:
-            return value
-        user = unquote(parts.username or "")
-        host = parts.netloc.rsplit("@", 1)[-1]
-        return urlunsplit((parts.scheme, f"{quote(user, safe='')}:{quote(secret, safe='')}@{host}", parts.path,
-                           parts.query, parts.fragment))
+        return with_password(value, secret) if secret else value
 
     def build(self, *, api_key: str | None = None) -> EmbeddingPipeline:
         """The :class:`~embedpipe.EmbeddingPipeline` this config describes."""
@@ -223,6 +217,17 @@ def strip_password(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
+def with_password(url: str, secret: str) -> str:
+    """``url`` with ``secret`` as its user-info password, unless it has one (the inverse of :func:`strip_password`)."""
+    parts = urlsplit(url)
+    if parts.password is not None:
+        return url
+    user = unquote(parts.username or "")
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit((parts.scheme, f"{quote(user, safe='')}:{quote(secret, safe='')}@{host}", parts.path,
+                       parts.query, parts.fragment))
+
+
 def load_callable(path: str) -> Callable[[str], Any]:
     """The callable a dotted path ``"package.module:attr"`` names."""
     module, _, attr = path.partition(":")
@@ -237,4 +242,4 @@ def load_callable(path: str) -> Callable[[str], Any]:
     return obj  # type: ignore[no-any-return]
 
 
-__all__ = ["CONFIG_VERSION", "DEFAULT_CACHE", "PipelineConfig", "load_callable", "strip_password"]
+__all__ = ["CONFIG_VERSION", "DEFAULT_CACHE", "PipelineConfig", "load_callable", "strip_password", "with_password"]

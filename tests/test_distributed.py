@@ -92,14 +92,9 @@ def workers(*ws: Worker) -> Iterator[tuple[Worker, ...]]:
 
 
 @pytest.fixture
-def broker(tmp_path: Path) -> Iterator[PrivateRedis]:
-    """A private Redis: the Celery broker and the jobs' ledger (the tests may kill it)."""
-    server = PrivateRedis(tmp_path)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.kill()
+def broker(private_redis: PrivateRedis) -> PrivateRedis:
+    """A private Redis (conftest's): the Celery broker and the jobs' ledger (the tests may kill it)."""
+    return private_redis
 
 
 def _spec(server: OpenAITestServer, tmp_path: Path, records: list[dict[str, Any]], **kw: Any) -> jobs.JobSpec:

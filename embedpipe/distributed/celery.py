@@ -40,6 +40,7 @@ from typing import Any
 
 from celery import Celery, Task
 
+from embedpipe.config import with_password
 from embedpipe.distributed.ledger import LedgerUnavailableError, RedisJobLedger
 from embedpipe.errors import ConfigurationError
 from embedpipe.jobs import Chunk, JobSpec, Sink, process_chunk, sink_from
@@ -67,19 +68,7 @@ BACKOFF_SECONDS = 5.0
 def _with_password(url: str, env: str = "EMBEDPIPE_STORE_PASSWORD") -> str:
     """``url`` with the password from ``$EMBEDPIPE_STORE_PASSWORD`` put back, when it has none."""
     secret = os.environ.get(env)
-    return _put_password(url, secret) if secret else url
-
-
-def _put_password(url: str, secret: str) -> str:
-    from urllib.parse import quote, unquote, urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    if parts.password is not None:
-        return url
-    user = unquote(parts.username or "")
-    host = parts.netloc.rsplit("@", 1)[-1]
-    return urlunsplit((parts.scheme, f"{quote(user, safe='')}:{quote(secret, safe='')}@{host}", parts.path,
-                       parts.query, parts.fragment))
+    return with_password(url, secret) if secret else url
 
 
 def serve_worker_metrics(port: int) -> Any:
