@@ -38,6 +38,7 @@ SCENARIOS = {
     "ingest": "benchmarks.ingest",
     "distributed": "benchmarks.distributed",
     "dupspend": "benchmarks.dupspend",
+    "crashbill": "benchmarks.crashbill",
     "multimodal": "benchmarks.multimodal",
     "batch_api": "benchmarks.batch_api",
     "dbsinks": "benchmarks.dbsinks",

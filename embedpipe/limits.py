@@ -153,6 +153,15 @@ class RateLimiter:
         """The largest token charge :meth:`acquire` can ever grant: the TPM capacity, or ``None``."""
         return self.tpm
 
+    def level(self, bucket: str) -> float | None:
+        """The share (0 to 1) of the ``"tokens"`` or ``"requests"`` bucket left now, or ``None`` when
+        this limiter cannot tell without a round trip (a shared store) or has no such limit.
+
+        The engine spends what a bucket holds a little faster than the limit's rate (see
+        :mod:`embedpipe.engine.flow`). Override where the level is at hand.
+        """
+        return None
+
     async def acquire(self, tokens: int, requests: int = 1) -> float:
         """Wait until both the requests and the tokens budgets allow, then charge them.
 
@@ -282,6 +291,14 @@ class MemoryRateLimiter(RateLimiter):
         now = clock()
         self._requests = _Bucket(rpm, self.window, now) if rpm is not None else None
         self._tokens = _Bucket(tpm, self.window, now) if tpm is not None else None
+
+    def level(self, bucket: str) -> float | None:
+        found = {"tokens": self._tokens, "requests": self._requests}.get(bucket)
+        if found is None:
+            return None
+        with self._lock:
+            found.refill(self._clock())
+            return max(0.0, found.level / found.capacity)
 
     async def _attempt(self, tokens: int, requests: int) -> float:
         with self._lock:

@@ -135,6 +135,7 @@ class EmbeddingPipeline:
             batch_size=_batch_size(config.batch_size, info, provider.spec),
             max_batch_tokens=config.max_batch_tokens or info.max_batch_tokens,
             max_concurrency=config.max_concurrency or info.default_concurrency, max_retries=config.max_retries,
+            concurrency_given=config.max_concurrency is not None,
             retry_wait=config.retry_wait, sleep=config.sleep, on_long_input=config.on_long_input,  # type: ignore[arg-type]
             errors=config.errors, cache_queries=config.cache_queries, price_per_1m=price,  # type: ignore[arg-type]
             max_rate_limit_wait=config.max_rate_limit_wait, audio=audio,

@@ -373,6 +373,9 @@ class ServerConfig:
     """If set, error responses carry ``x-should-retry: true|false``, which the openai SDK obeys."""
     quota_exhausted: bool = False
     """Answer every request with 429 ``insufficient_quota``."""
+    bill_abandoned: bool = False
+    """Bill an admitted request whose client leaves before the answer, as a provider that did the work
+    would (a killed client's requests in flight): what a crash re-bills is then measurable."""
     fault_rates: Mapping[str, float] = dataclasses.field(default_factory=dict)
     """Probability per fault kind of hitting a request no scripted fault claims (sum <= 1)."""
     seed: int = 0
@@ -1559,6 +1562,8 @@ class _EmbeddingsApp:
             delay = config.latency + config.latency_per_token * parsed.total_tokens
             outcome = await self._wait(delay, request.receive)
             if outcome != "elapsed":
+                if config.bill_abandoned:
+                    control._bill(parsed.texts, parsed.token_counts, parsed.model)
                 return self._abandon(outcome)
 
             payload = await asyncio.to_thread(_build_payload, parsed, fault, control)

@@ -16,6 +16,7 @@ of the logic.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -32,6 +33,7 @@ from embedpipe.cache import CacheBackend
 from embedpipe.cost import Estimate, cost_of
 from embedpipe.engine.audio import AudioStage, Expanded, is_audio
 from embedpipe.engine.budget import Budget
+from embedpipe.engine.flow import InFlight, LatencyModel, Sizing, shrunk, sizing
 from embedpipe.engine.isolate import Isolation, isolate
 from embedpipe.engine.items import acontent_keys, content_keys
 from embedpipe.engine.planning import (
@@ -46,6 +48,7 @@ from embedpipe.engine.planning import (
     plan_batches,
     prepare,
     slices,
+    take,
 )
 from embedpipe.engine.validate import WrongDimensionsError, check_response
 from embedpipe.errors import (
@@ -130,7 +133,8 @@ class Engine:
                  max_batch_tokens: int | None, max_concurrency: int, max_retries: int, retry_wait: Any,
                  sleep: Callable[[float], Any] | None, on_long_input: OnLongInput, errors: Errors,
                  cache_queries: bool, price_per_1m: float | None, max_rate_limit_wait: float | None = 300.0,
-                 audio: AudioStage | None = None, value_format: codec.ValueFormat = codec.FLOAT32) -> None:
+                 concurrency_given: bool = True, audio: AudioStage | None = None,
+                 value_format: codec.ValueFormat = codec.FLOAT32) -> None:
         self.provider = provider
         #: how vectors are stored in the cache (float32, or the pipeline's compact output_dtype)
         self.value_format = value_format
@@ -161,7 +165,12 @@ class Engine:
         #: native dimensions learned from the first response, when the provider did not declare them
         self.learned_dims: int | None = None
         self._materials: dict[str, bytes] = {}
-        self._semaphore: asyncio.Semaphore | None = None
+        #: what is in flight (requests, tokens), gated by :meth:`sizing`; made on the runner loop
+        self._in_flight: InFlight | None = None
+        #: the latency of recent answers by request size, for Little's law
+        self.latency = LatencyModel()
+        #: whether max_concurrency was set (a cap) or is the provider's default (rate limits may go above it)
+        self.concurrency_given = concurrency_given
         self._truncation_warned = False
         #: single-flight: key -> the future of the call embedding it now. Touched only on the runner loop.
         self._flights: dict[str, asyncio.Future[np.ndarray | None]] = {}
@@ -440,7 +449,7 @@ class Engine:
         misses = self._lookup_only(call, values)
         limit = self.token_limit()
         cut = cut_pieces(call, misses, self.provider.tokenizer, limit, self.on_long_input, self.provider.item_tokens)
-        batches = plan_batches(cut.pieces, self.batch_size, self.request_cap())
+        batches = plan_batches(cut.pieces, self.batch_size, self.sizing().tokens)
         tokens = sum(p.tokens for p in cut.pieces)
         eta = None
         if rpm or tpm:
@@ -601,10 +610,6 @@ class Engine:
         counts: dict[int, int] = {}                                  # unique -> pieces
         parts: dict[int, list[tuple[int, np.ndarray | None]]] = {}   # unique -> (tokens, vector) per piece
         done: dict[int, int] = {}
-        if self._semaphore is None:
-            self._semaphore = asyncio.Semaphore(self.max_concurrency)
-        sem = self._semaphore
-
         fmt = self.value_format
 
         async def deliver(batch: list[Piece], vectors: np.ndarray | None, failure: Failure | None) -> None:
@@ -639,35 +644,85 @@ class Engine:
                 with self.cache_guard(call, "write"):
                     await self.cache.aset_many(items)
 
-        async def run_batch(batch: list[Piece]) -> None:
-            async with sem:
+        gate = self._gate()
+
+        async def run_batch(batch: list[Piece], tokens: int) -> None:
+            try:
                 await isolate(self, call, batch, Isolation(batch), deliver)
+            finally:
+                await gate.done(tokens)
 
         whole = self.budget.limit_usd is not None or (self.on_long_input == "error" and call.errors == "raise")
-        cap = self.request_cap()
-        # Count and plan slice by slice, sending each slice's batches while the next is
-        # counted (in a thread: tiktoken releases the GIL): the server's rate-limit bucket
-        # never idles while a big call is tokenised.
-        tasks: list[asyncio.Task[None]] = []
+        # Count slice by slice in a thread (tiktoken releases the GIL) while what is counted is
+        # sent: the server's rate-limit bucket never idles while a big call is tokenised. Each
+        # request is cut when it can leave, at the size the rates and latencies then call for.
+        pending: collections.deque[Piece] = collections.deque()
+        counted = asyncio.Event()
+        state = {"counting": True, "sent": 0, "pending_tokens": 0}
+
+        async def count() -> None:
+            try:
+                for chunk in slices(call, misses, whole):
+                    pieces = await asyncio.to_thread(self.cut, call, chunk)
+                    if not pieces:
+                        continue
+                    self.budget.check(sum(p.tokens for p in pieces))
+                    for p in pieces:
+                        counts[p.owner] = counts.get(p.owner, 0) + 1
+                    for u in {p.owner for p in pieces}:
+                        parts[u] = [(0, None)] * counts[u]
+                        done[u] = 0
+                    if not self.sizing().paced:
+                        pieces = sorted(pieces, key=lambda p: p.tokens)  # similar lengths pad less
+                    # Paced by rate limits, sizes stay mixed: sorted, a slice's long texts would come
+                    # last, together, in requests too slow for what may be in flight.
+                    pending.extend(pieces)
+                    state["pending_tokens"] += sum(p.tokens for p in pieces)
+                    counted.set()
+            finally:
+                state["counting"] = False
+                counted.set()
+
+        counter = asyncio.ensure_future(count())
+        tasks: list[asyncio.Future[None]] = [counter]
         try:
-            for chunk in slices(call, misses, whole):
-                pieces = await asyncio.to_thread(self.cut, call, chunk)
-                if not pieces:
-                    continue
-                self.budget.check(sum(p.tokens for p in pieces))
-                for p in pieces:
-                    counts[p.owner] = counts.get(p.owner, 0) + 1
-                for u in {p.owner for p in pieces}:
-                    parts[u] = [(0, None)] * counts[u]
-                    done[u] = 0
-                tasks.extend(asyncio.ensure_future(run_batch(b))
-                             for b in plan_batches(pieces, self.batch_size, cap))
+            while True:
+                while not pending:
+                    if not state["counting"]:
+                        break
+                    counted.clear()
+                    await counted.wait()
+                if not pending:
+                    break
+                size = self.sizing()
+                target = size.tokens
+                left = state["pending_tokens"]
+                if not state["counting"] and state["sent"] >= 1:
+                    target = shrunk(size, left)
+                want = max(pending[0].tokens, min(target or left, left))
+                await gate.wait(lambda want=want: gate.has_room(self.sizing(), want))  # type: ignore[misc]
+                batch, tokens = take(pending, self.batch_size, target)
+                state["pending_tokens"] -= tokens
+                gate.add(tokens)
+                state["sent"] += 1
+                tasks.append(asyncio.ensure_future(run_batch(batch, tokens)))
             await asyncio.gather(*tasks)
         except BaseException:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
+
+    # ------------------------------------------------------------------ sizing (Little's law)
+    def sizing(self) -> Sizing:
+        """The size of the next request and the caps on what is in flight (see :mod:`embedpipe.engine.flow`)."""
+        return sizing(self._limiter(), self.latency, cap=self.request_cap(), max_concurrency=self.max_concurrency,
+                      concurrency_given=self.concurrency_given, remote=self.info.price_per_1m_units != 0.0)
+
+    def _gate(self) -> InFlight:
+        if self._in_flight is None:
+            self._in_flight = InFlight()
+        return self._in_flight
 
     async def send(self, call: Call, batch: list[Piece]) -> tuple[dict[int, np.ndarray], ProviderError | None]:
         """One request with rate limiting, retries and validation.
@@ -779,6 +834,7 @@ class Engine:
             raise exc from raw
         self._storm = False
         seconds = time.perf_counter() - t0
+        self.latency.observe(est, seconds)
         billed = result.tokens if result.tokens is not None else est
         await self._reconcile(call, est, billed)
         if result.headers:

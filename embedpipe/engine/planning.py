@@ -7,6 +7,7 @@ share them.
 
 from __future__ import annotations
 
+import collections
 import functools
 import inspect
 from collections.abc import Callable, Mapping, Sequence
@@ -289,6 +290,18 @@ def plan_batches(pieces: list[Piece], batch_size: int, max_tokens: int | None) -
     return batches
 
 
+def take(pending: collections.deque[Piece], batch_size: int, max_tokens: int | None) -> tuple[list[Piece], int]:
+    """Pop the next request off ``pending``: at most ``batch_size`` pieces and ``max_tokens`` tokens
+    (one piece always), and its tokens."""
+    batch = [pending.popleft()]
+    tokens = batch[0].tokens
+    while pending and len(batch) < batch_size and (max_tokens is None or tokens + pending[0].tokens <= max_tokens):
+        p = pending.popleft()
+        batch.append(p)
+        tokens += p.tokens
+    return batch, tokens
+
+
 def combine(parts: list[tuple[int, np.ndarray | None]]) -> np.ndarray | None:
     """One input's vector from its pieces: ``None`` if any failed; windows give their token-weighted mean."""
     if any(v is None for _, v in parts):
@@ -359,4 +372,4 @@ def slices(call: Call, misses: list[int], whole: bool) -> list[list[int]]:
 
 
 __all__ = ["Call", "Cut", "Errors", "OnLongInput", "Piece", "apply_hits", "assemble", "combine",
-           "content_key_or_why", "cut_pieces", "plan_batches", "prepare", "slices"]
+           "content_key_or_why", "cut_pieces", "plan_batches", "prepare", "slices", "take"]

@@ -1,0 +1,210 @@
+"""Request sizes and what is in flight, from the rate limits and the observed latency (Little's law).
+
+A request a crash cuts off has been billed and its answer is lost: the tokens in flight at any
+moment are what a SIGKILL re-bills, and the last requests of a call are a tail nothing can hide.
+Little's law says how much must be in flight to run at a rate: tokens in flight = token rate *
+latency. So under a rate limit the engine keeps about that much in flight and no more, in
+requests sized from the request and token rates, and shrinks them at the end of a call so its
+last answers come back together. ``batch_size`` and ``max_batch_tokens`` stay caps.
+
+Without rpm/tpm the sizing is the provider's (``batch_size``, ``max_batch_tokens``), with a remote
+API's requests capped at :data:`MODERATE_REQUEST_TOKENS`, and ``max_concurrency`` of them in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from embedpipe.limits import RateLimiter
+
+#: the latency assumed before any answer: the first requests leave before anything is observed
+PRIOR_LATENCY = 0.5
+#: in flight for this much above the limit's rate, so that at steady state the limiter, not the
+#: in-flight cap, sets the pace (the gap between one answer and the next request costs nothing)
+HEADROOM = 1.1
+#: requests use at most this share of the request rate the limiter allows: the token rate binds
+RPM_SHARE = 0.8
+#: without a token limit, the most tokens one request to a remote API holds (at most
+#: ``max_concurrency`` requests of this size are at risk at a crash)
+MODERATE_REQUEST_TOKENS = 32_768
+#: without ``max_concurrency`` given, the most requests in flight under a rate limit
+MAX_REQUESTS_IN_FLIGHT = 256
+#: answers seen before the latency's slope sizes requests (a few answers give a noisy slope)
+SETTLED = 10
+#: the weight an earlier observation keeps at each new one (about the last 20 answers count)
+LATENCY_DECAY = 0.95
+
+
+class LatencyModel:
+    """Seconds a request takes, as ``intercept + slope * tokens``, fitted to recent answers.
+
+    Exponentially weighted least squares: a few sums, updated per answer. While the answers'
+    sizes are too alike to tell a slope, the slope is 0 and the intercept is their mean latency.
+    """
+
+    def __init__(self, decay: float = LATENCY_DECAY) -> None:
+        self.decay = decay
+        self.samples = 0
+        self._w = self._x = self._y = self._xx = self._xy = 0.0
+
+    def observe(self, tokens: float, seconds: float) -> None:
+        if not (seconds >= 0 and math.isfinite(seconds)) or tokens < 0:
+            return
+        d = self.decay
+        self._w = self._w * d + 1.0
+        self._x = self._x * d + tokens
+        self._y = self._y * d + seconds
+        self._xx = self._xx * d + tokens * tokens
+        self._xy = self._xy * d + tokens * seconds
+        self.samples += 1
+
+    @property
+    def per_token(self) -> float:
+        """The mean latency of a token in flight: latencies weighted by request size (Little's law's
+        waiting time, for tokens; the prior before any answer)."""
+        if not self.samples or self._x <= 0:
+            return PRIOR_LATENCY
+        return self._xy / self._x
+
+    @property
+    def slope(self) -> float:
+        """Seconds per token (0.0 until sizes vary enough to tell)."""
+        if self.samples < 3:
+            return 0.0
+        var = self._w * self._xx - self._x * self._x
+        mean = self._x / self._w
+        if var <= (0.05 * mean * self._w) ** 2:  # sizes within ~5% of each other
+            return 0.0
+        return max(0.0, (self._w * self._xy - self._x * self._y) / var)
+
+    @property
+    def intercept(self) -> float:
+        """Seconds a request takes whatever its size."""
+        if not self.samples:
+            return PRIOR_LATENCY
+        return max(0.0, (self._y - self.slope * self._x) / self._w)
+
+    def predict(self, tokens: float) -> float:
+        """The expected latency of a request of ``tokens`` tokens (at least a millisecond)."""
+        if not self.samples:
+            return PRIOR_LATENCY
+        return max(1e-3, self.intercept + self.slope * tokens)
+
+
+@dataclass(frozen=True)
+class Sizing:
+    """What the next requests should look like: ``tokens`` each (``None``: no token target), and
+    at most ``in_flight_tokens`` tokens in ``in_flight_requests`` requests at once."""
+
+    tokens: int | None
+    in_flight_tokens: float
+    in_flight_requests: int
+    paced: bool                     #: sized from rate limits (Little's law), not the provider's defaults
+
+
+def _level(limiter: RateLimiter, bucket: str) -> float:
+    """The share of a bucket the limiter has left now (0.0 when it cannot tell)."""
+    level = limiter.level(bucket)
+    return 0.0 if level is None else min(1.0, max(0.0, level))
+
+
+def sizing(limiter: RateLimiter, latency: LatencyModel, *, cap: int | None, max_concurrency: int,
+           concurrency_given: bool, remote: bool) -> Sizing:
+    """The request size and in-flight caps for ``limiter``'s limits and the latency seen so far.
+
+    ``cap``: the most tokens a request may hold (``max_batch_tokens``, an eighth of the token
+    bucket); ``remote``: a paid API (its requests are capped at :data:`MODERATE_REQUEST_TOKENS`
+    when no token limit sizes them).
+    """
+    window = limiter.window
+    tok_rate = limiter.tpm / window if limiter.tpm else None
+    req_rate = limiter.rpm / window if limiter.rpm else None
+    if tok_rate is None and req_rate is None:
+        tokens = cap
+        if remote:
+            tokens = min(tokens or MODERATE_REQUEST_TOKENS, MODERATE_REQUEST_TOKENS)
+        return Sizing(tokens, math.inf, max_concurrency, False)
+    # Before the first answer the limiter's level is only what it was told (a bucket a server may not
+    # have: a per-minute figure for a per-10-s limit): run at the rate alone until answers sync it.
+    observed = latency.samples > 0
+    requests_cap = max_concurrency if concurrency_given else MAX_REQUESTS_IN_FLIGHT
+    if tok_rate is None:
+        # Requests only: Little's law in requests, today's sizes (capped when remote).
+        assert req_rate is not None
+        tokens = cap if not remote else min(cap or MODERATE_REQUEST_TOKENS, MODERATE_REQUEST_TOKENS)
+        rate = req_rate * (HEADROOM + (_level(limiter, "requests") if observed else 0.0))
+        n = max(1, math.ceil(rate * latency.predict(tokens or 0)))
+        return Sizing(tokens, math.inf, min(requests_cap, n), True)
+    # The rate to run at: the limit, plus what the bucket holds spread over one window (a full
+    # bucket is spent over about a window, as the server refills its own).
+    rate = tok_rate * (HEADROOM + (_level(limiter, "tokens") if observed else 0.0))
+    if req_rate is not None:
+        # The smallest requests that keep the request rate below its limit: the fewer tokens a
+        # request holds, the shorter its latency and the less is in flight.
+        allowed = req_rate * (HEADROOM + (_level(limiter, "requests") if observed else 0.0))
+        size = rate / (allowed * RPM_SHARE)
+    elif latency.samples >= SETTLED and latency.slope > 0:
+        # No request limit: requests big enough that their size costs half the fixed latency.
+        size = latency.intercept / (2 * latency.slope)
+    else:
+        size = float(cap or MODERATE_REQUEST_TOKENS)
+    if req_rate is not None and latency.samples >= SETTLED and latency.slope > 0:
+        # Requests no smaller than half the fixed latency's worth (at most 4x the smallest): each
+        # costs the client and the server some work of its own, which the token rate does not pay for.
+        size = max(size, min(4 * size, latency.intercept / (2 * latency.slope)))
+    if cap:
+        size = min(size, cap)
+    tokens = max(1, int(size))
+    # Little's law: tokens in flight = rate x the time a token spends in flight (observed, by size).
+    in_flight = max(float(tokens), rate * latency.per_token)
+    return Sizing(tokens, in_flight, requests_cap, True)
+
+
+def shrunk(size: Sizing, remaining: int) -> int | None:
+    """The request size for the end of a call: what is left spread over the requests in flight, so the
+    last answers come back together instead of behind one big request."""
+    if size.tokens is None or not size.paced:
+        return size.tokens
+    slots = size.in_flight_tokens / size.tokens if math.isfinite(size.in_flight_tokens) else size.in_flight_requests
+    slots = max(1.0, min(float(size.in_flight_requests), slots))
+    if remaining >= size.tokens * slots:
+        return size.tokens
+    return max(1, min(size.tokens, math.ceil(remaining / slots)))
+
+
+class InFlight:
+    """A gate on what is in flight: at most so many requests and tokens at once (one request always passes).
+
+    Created on, and used from, the engine's loop only.
+    """
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.tokens = 0
+        self._changed = asyncio.Condition()
+
+    def has_room(self, size: Sizing, tokens: int) -> bool:
+        if self.requests == 0:
+            return True
+        return self.requests < size.in_flight_requests and self.tokens + tokens <= size.in_flight_tokens
+
+    async def wait(self, room: Callable[[], bool]) -> None:
+        """Wait until ``room()`` says a request may leave (re-asked whenever one finishes)."""
+        async with self._changed:
+            await self._changed.wait_for(room)
+
+    def add(self, tokens: int) -> None:
+        self.requests += 1
+        self.tokens += tokens
+
+    async def done(self, tokens: int) -> None:
+        self.requests -= 1
+        self.tokens -= tokens
+        async with self._changed:
+            self._changed.notify_all()
+
+
+__all__ = ["InFlight", "LatencyModel", "Sizing", "shrunk", "sizing"]

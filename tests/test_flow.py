@@ -1,0 +1,176 @@
+"""Request sizes and what is in flight follow from the rate and the observed latency (Little's law).
+
+What a SIGKILL re-bills is what is in flight. These tests run real calls against the test
+server (with its latency and rate limits) and watch each request as the provider sends it:
+the wrapper only records sizes and times, the calls are the real ones. Throughput is measured
+in ``benchmarks/`` (ratelimit, crashbill), never here.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+
+from embedpipe import EmbeddingPipeline
+from embedpipe.engine.flow import MODERATE_REQUEST_TOKENS, LatencyModel, shrunk, sizing
+from embedpipe.limits import MemoryRateLimiter
+from tests.openai_server import OpenAITestServer
+
+MODEL = "text-embedding-3-small"
+
+
+class Watch:
+    """Wraps a pipeline's provider call: the tokens of each request and the most in flight at once."""
+
+    def __init__(self, pipe: EmbeddingPipeline) -> None:
+        self.sizes: list[int] = []
+        self.in_flight = 0
+        self.most_in_flight = 0
+        self.most_requests = 0
+        self._requests = 0
+        send = pipe.provider.aembed_batch
+        count = pipe.provider.tokenizer.count
+
+        async def watched(batch: list[str], role: Any) -> Any:
+            tokens = sum(count(batch))
+            self.sizes.append(tokens)
+            self.in_flight += tokens
+            self._requests += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+            self.most_requests = max(self.most_requests, self._requests)
+            try:
+                return await send(batch, role)
+            finally:
+                self.in_flight -= tokens
+                self._requests -= 1
+
+        pipe.provider.aembed_batch = watched  # type: ignore[method-assign]  # observes the real calls
+
+
+def test_under_rate_limits_in_flight_is_rate_times_latency(openai_server: OpenAITestServer,
+                                                           corpus: list[dict[str, str]]) -> None:
+    """Defect 2's scenario, shortened: the server allows 300 requests and 600k tokens per 10 s with
+    0.3 s + 0.05 s per 1k tokens of latency; the client is told 1,800 rpm and 3.6M tpm. Requests
+    are a few thousand tokens and about rate x latency is in flight (at 18f4d1d: requests of up to
+    300k tokens, all in flight at once)."""
+    openai_server.control.configure(rpm=300, tpm=600_000, window=10.0, latency=0.3, latency_per_token=5e-5)
+    texts = [r["text"] for r in corpus[:400]]
+    with EmbeddingPipeline(f"openai:{MODEL}", base_url=openai_server.base_url, api_key="sk-test", cache=None,
+                           rpm=1_800, tpm=3_600_000) as pipe:
+        watch = Watch(pipe)
+        out = pipe.embed(texts)
+    assert all(v is not None for v in out)
+    total = openai_server.ledger.billed_tokens
+    assert total > 200_000 and sum(watch.sizes) == total
+    assert openai_server.ledger.responses_429 == 0
+    # 60k tokens/s x (0.3 s + 0.05 s/1k x ~3k tokens) = ~27k in flight; the model's longest input is
+    # a request of its own, whatever the target.
+    assert watch.most_in_flight <= 50_000, watch.most_in_flight
+    assert sorted(watch.sizes)[len(watch.sizes) // 2] <= 6_000
+    assert max(watch.sizes) <= 16_384
+    assert len(watch.sizes) >= 40
+
+
+def test_without_limits_requests_stay_moderate(openai_server: OpenAITestServer,
+                                               corpus: list[dict[str, str]]) -> None:
+    """Told no rpm/tpm, requests keep the provider's sizing, capped at a moderate size, and at most
+    ``max_concurrency`` are in flight (at 18f4d1d: one request of every text, up to 300k tokens)."""
+    texts = [r["text"] for r in corpus[:600]]
+    with EmbeddingPipeline(f"openai:{MODEL}", base_url=openai_server.base_url, api_key="sk-test",
+                           cache=None) as pipe:
+        watch = Watch(pipe)
+        pipe.embed(texts)
+        concurrency = pipe.max_concurrency
+    assert sum(watch.sizes) > 3 * MODERATE_REQUEST_TOKENS
+    assert max(watch.sizes) <= MODERATE_REQUEST_TOKENS
+    assert watch.most_requests <= concurrency
+    assert watch.most_in_flight <= concurrency * MODERATE_REQUEST_TOKENS
+
+
+def test_batch_size_and_max_batch_tokens_stay_caps(openai_server: OpenAITestServer,
+                                                   corpus: list[dict[str, str]]) -> None:
+    openai_server.control.configure(rpm=300, tpm=600_000, window=10.0)
+    texts = [r["text"][:1500] for r in corpus[:300]]
+    with EmbeddingPipeline(f"openai:{MODEL}", base_url=openai_server.base_url, api_key="sk-test", cache=None,
+                           rpm=1_800, tpm=3_600_000, batch_size=3, max_batch_tokens=900) as pipe:
+        watch = Watch(pipe)
+        requests: list[int] = []
+        send = pipe.provider.aembed_batch
+
+        async def counted(batch: list[str], role: Any) -> Any:
+            requests.append(len(batch))
+            return await send(batch, role)
+
+        pipe.provider.aembed_batch = counted  # type: ignore[method-assign]  # observes the real calls
+        pipe.embed(texts)
+    assert max(requests) <= 3
+    assert all(s <= 900 or n == 1 for s, n in zip(watch.sizes, requests, strict=True))
+
+
+def test_max_concurrency_given_caps_requests_in_flight(openai_server: OpenAITestServer,
+                                                       corpus: list[dict[str, str]]) -> None:
+    openai_server.control.configure(rpm=300, tpm=600_000, window=10.0, latency=0.1)
+    texts = [r["text"][:1500] for r in corpus[:300]]
+    with EmbeddingPipeline(f"openai:{MODEL}", base_url=openai_server.base_url, api_key="sk-test", cache=None,
+                           rpm=1_800, tpm=3_600_000, max_concurrency=2) as pipe:
+        watch = Watch(pipe)
+        pipe.embed(texts)
+    assert watch.most_requests <= 2
+
+
+# ------------------------------------------------------------------ the pure rules
+def test_latency_model_fits_intercept_and_slope() -> None:
+    model = LatencyModel()
+    assert model.predict(1000) == pytest.approx(0.5)  # the prior
+    for tokens in [500, 4000, 1000, 8000, 2000, 3000] * 3:
+        model.observe(tokens, 0.3 + 5e-5 * tokens)
+    assert model.intercept == pytest.approx(0.3, abs=1e-6)
+    assert model.slope == pytest.approx(5e-5, rel=1e-6)
+    # Little's law's waiting time for a token: latencies weighted by request size.
+    assert model.per_token == pytest.approx(0.3 + 5e-5 * (sum(t * t for t in [500, 4000, 1000, 8000, 2000, 3000])
+                                                          / 18_500), rel=1e-2)  # recent answers weigh more
+
+
+def test_alike_sizes_give_no_slope() -> None:
+    model = LatencyModel()
+    for _ in range(10):
+        model.observe(2000, 0.4)
+    assert model.slope == 0.0 and model.intercept == pytest.approx(0.4)
+
+
+def test_sizing_follows_the_rates() -> None:
+    limiter = MemoryRateLimiter(rpm=1_800, tpm=3_600_000, window=60.0)
+    model = LatencyModel()
+    for tokens in [1000, 3000, 2000, 5000, 2500] * 4:
+        model.observe(tokens, 0.3 + 5e-5 * tokens)
+    size = sizing(limiter, model, cap=300_000, max_concurrency=8, concurrency_given=False, remote=True)
+    assert size.paced
+    # Requests of about rate / (80% of the request rate), at least half the fixed latency's worth.
+    assert 2_500 <= size.tokens <= 6_000  # type: ignore[operator]
+    assert size.in_flight_requests > 8  # max_concurrency was not given: Little's law decides
+    rate = 60_000 * (1.1 + 1.0)  # a full bucket is spent over about a window
+    assert size.in_flight_tokens == pytest.approx(rate * model.per_token)
+    given = sizing(limiter, model, cap=300_000, max_concurrency=3, concurrency_given=True, remote=True)
+    assert given.in_flight_requests == 3
+
+
+def test_sizing_without_limits_is_the_providers_capped() -> None:
+    limiter = MemoryRateLimiter()
+    size = sizing(limiter, LatencyModel(), cap=300_000, max_concurrency=8, concurrency_given=False, remote=True)
+    assert size.tokens == MODERATE_REQUEST_TOKENS and not size.paced
+    assert math.isinf(size.in_flight_tokens) and size.in_flight_requests == 8
+    local = sizing(limiter, LatencyModel(), cap=None, max_concurrency=1, concurrency_given=False, remote=False)
+    assert local.tokens is None and local.in_flight_requests == 1
+
+
+def test_requests_shrink_at_the_end_of_a_call() -> None:
+    limiter = MemoryRateLimiter(rpm=1_800, tpm=3_600_000, window=60.0)
+    size = sizing(limiter, LatencyModel(), cap=300_000, max_concurrency=8, concurrency_given=False, remote=True)
+    assert size.tokens is not None
+    slots = size.in_flight_tokens / size.tokens
+    assert shrunk(size, 10 * size.tokens * math.ceil(slots)) == size.tokens  # far from the end
+    left = size.tokens  # one request's worth left: spread over the requests that may be in flight
+    assert shrunk(size, left) == math.ceil(left / max(1.0, min(size.in_flight_requests, slots)))
+    assert shrunk(size, left) < size.tokens  # type: ignore[operator]
