@@ -66,7 +66,7 @@ def test_a_damaged_state_is_named_and_rebuilt_by_repair(openai_server: OpenAITes
 def test_a_damaged_part_is_never_reported_as_success_and_repair_restores_it_from_the_cache(
         openai_server: OpenAITestServer, tmp_path: Path, damage: str) -> None:
     src, out, records = _first_run(openai_server, tmp_path)
-    part = sorted(out.glob("part-*.parquet"))[1]
+    part = sorted(out.glob("_parts/part-*.parquet"))[1]
     data = bytearray(part.read_bytes())
     if damage == "truncated":
         part.write_bytes(bytes(data[: len(data) // 2]))
