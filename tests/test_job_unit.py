@@ -169,6 +169,8 @@ def test_a_state_file_written_before_the_job_unit_migrates_and_the_job_resumes(t
     db.close()
     rows = {r["id"]: r for r in pq.read_table(out).to_pylist()}
     assert set(rows) == {r["id"] for r in records if r["text"]}
+    # Its parts were written in the flat layout (directly in the folder): they moved under _parts/.
+    assert not list(out.glob("part-*")) and (out / "data").is_symlink() and len(rows) == len(pq.read_table(out))
     for r in records:
         if r["text"]:
             assert rows[r["id"]]["vector"] == pytest.approx(fake_vector(r["text"], 8).tolist())

@@ -253,16 +253,16 @@ class ParquetSink(Sink):
     included; a run's own writes become visible when it finishes. The generation before stays
     for readers still reading it; older ones go at the next publish or open.
 
-    A path names the same file in every generation it is in, so a reader that listed one
+    A part's name holds the same rows in every generation it is in, so a reader that listed one
     generation and opens its files after a swap reads that generation or, for a part that
     compaction dropped, gets ``FileNotFoundError``: never a mix. :meth:`read_table`
-    (:func:`read_output`) resolves the generation once and reads only it, which no swap
-    disturbs.
+    (:func:`read_output`) resolves the generation once and reads only it, so one swap does not
+    disturb it (and it reads again if two went by while it read).
 
     An output of the earlier flat layout (parts directly in ``DIR``) is adopted by :meth:`open`
-    (its parts are linked into ``_parts/``; readers go on seeing it as it was) and leaves the
-    flat layout at its first publish: its part files are deleted just before ``data`` appears,
-    so for that moment a reader may see some of its rows missing. That happens once.
+    (and by any compaction): its parts are linked into ``_parts/``, and readers go on seeing it as
+    it was. It leaves the flat layout at its first publish, which deletes those part files just
+    before ``data`` appears: for that moment, once, a reader may see some of its rows missing.
     """
 
     output_dtypes = frozenset({"float32", "int8", "uint8", "binary", "ubinary"})
@@ -398,7 +398,7 @@ class ParquetSink(Sink):
     @contextlib.contextmanager
     def _atomic(self, name: str) -> Iterator[Path]:
         """A temporary path in ``_parts/`` to write; on success it is fsynced and renamed to ``name``."""
-        self.parts_dir.mkdir(parents=True, exist_ok=True)
+        self.parts_dir.mkdir(exist_ok=True)  # not DIR itself: a worker that does not see the folder fails
         tmp = self.parts_dir / f"_tmp-{uuid.uuid4().hex}.part"
         try:
             yield tmp
