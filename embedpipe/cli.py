@@ -434,8 +434,9 @@ def jobs_resume(job_id: str, store: str, broker: str, progress: bool | None) -> 
 def repair(out: str, state: str | None) -> None:
     """Set damaged parts and state aside in OUT/_quarantine/ and rebuild the state from the readable parts.
 
-    Then run the same `embedpipe run` command again: it re-embeds the records that were in
-    damaged parts, from the cache where it holds them.
+    Readers of OUT then see what is readable (it is published anew). Then run the same
+    `embedpipe run` command again: it re-embeds the records that were in damaged parts, from
+    the cache where it holds them.
     """
     from embedpipe.jobs.repair import repair as repair_output
 

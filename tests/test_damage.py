@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from embedpipe import jobs
 from embedpipe.cli import main
 from tests.openai_server import OpenAITestServer
 from tests.test_jobs import DIMS, MODEL, assert_mirrors, make_records, write_jsonl
@@ -66,7 +67,7 @@ def test_a_damaged_state_is_named_and_rebuilt_by_repair(openai_server: OpenAITes
 def test_a_damaged_part_is_never_reported_as_success_and_repair_restores_it_from_the_cache(
         openai_server: OpenAITestServer, tmp_path: Path, damage: str) -> None:
     src, out, records = _first_run(openai_server, tmp_path)
-    part = sorted(out.glob("part-*.parquet"))[1]
+    part = sorted(out.glob("_parts/part-*.parquet"))[1]
     data = bytearray(part.read_bytes())
     if damage == "truncated":
         part.write_bytes(bytes(data[: len(data) // 2]))
@@ -84,6 +85,7 @@ def test_a_damaged_part_is_never_reported_as_success_and_repair_restores_it_from
     res = CliRunner().invoke(main, ["repair", "--out", _url(out)])
     assert res.exit_code == 0 and "20 to re-embed" in res.output, res.output
     assert (out / "_quarantine").is_dir() and not part.exists()
+    assert jobs.read_output(out).num_rows == 40  # repair published what is readable, without the damaged part
     openai_server.control.reset_ledger()
     code, output = _run(openai_server, src, out, tmp_path)
     assert code == 0, output

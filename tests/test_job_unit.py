@@ -93,14 +93,14 @@ def test_process_chunk_twice_writes_once_and_bills_once(openai_server: OpenAITes
         first = jobs.process_chunk(spec, chunks[0], store=store, sink=sink)
         assert (first.status, first.written, first.embedded) == ("done", 10, 10)
         billed = dict(openai_server.ledger.times_billed)
-        parts = sorted(p.name for p in (tmp_path / "out").glob("part-*"))
+        parts = sorted(p.name for p in (tmp_path / "out").glob("_parts/part-*"))
 
         # A second delivery of the same chunk, in this process or from its JSON in another one.
         again = jobs.process_chunk(spec, jobs.Chunk.from_dict(json.loads(json.dumps(chunks[0].to_dict()))),
                                    store=store, sink=sink)
         assert again.status == "skipped" and again.written == 0
         assert dict(openai_server.ledger.times_billed) == billed
-        assert sorted(p.name for p in (tmp_path / "out").glob("part-*")) == parts
+        assert sorted(p.name for p in (tmp_path / "out").glob("_parts/part-*")) == parts
 
         for chunk in chunks[1:]:
             assert jobs.process_chunk(spec, chunk, store=store, sink=sink).status == "done"
@@ -169,6 +169,8 @@ def test_a_state_file_written_before_the_job_unit_migrates_and_the_job_resumes(t
     db.close()
     rows = {r["id"]: r for r in pq.read_table(out).to_pylist()}
     assert set(rows) == {r["id"] for r in records if r["text"]}
+    # Its parts were written in the flat layout (directly in the folder): they moved under _parts/.
+    assert not list(out.glob("part-*")) and (out / "data").is_symlink() and len(rows) == len(pq.read_table(out))
     for r in records:
         if r["text"]:
             assert rows[r["id"]]["vector"] == pytest.approx(fake_vector(r["text"], 8).tolist())

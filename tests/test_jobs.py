@@ -177,7 +177,7 @@ def test_rerun_embeds_changes_only_updates_metadata_in_place_and_mirrors_the_sou
     assert (second.metadata_updated, second.written, second.unchanged) == (4, 0, 86)
     assert openai_server.ledger.requests_total == 0
     assert_mirrors(out, records)
-    assert len(list(out.glob("part-*.parquet"))) == 1, "small parts were merged"
+    assert len(list(out.glob("data/part-*.parquet"))) == 1, "small parts were merged"
 
     third = jobs.run(src, out=out, chunk_size=25, **openai_args(openai_server, tmp_path))
     assert (third.unchanged, third.written, third.tokens) == (90, 0, 0)
@@ -211,16 +211,16 @@ def test_parts_the_state_does_not_point_to_are_dropped_and_lost_parts_redone(tmp
     jobs.run(src, **args)
     # A part written but never committed (killed between the rename and the commit), and a
     # temporary file a killed write left: neither may reach the output.
-    (part,) = out.glob("part-*.parquet")
+    (part,) = out.glob("_parts/part-*.parquet")
     table = pq.read_table(part)
-    pq.write_table(table.slice(0, 5), out / "part-00000000T000000-deadbeef-00001.parquet")
-    (out / "_tmp-abc.part").write_bytes(b"PAR1 half")
-    assert pq.read_table(out).num_rows == 65  # readers skip _tmp-, but see the stray part until compaction
+    pq.write_table(table.slice(0, 5), out / "_parts" / "part-00000000T000000-deadbeef-00001.parquet")
+    (out / "_parts" / "_tmp-abc.part").write_bytes(b"PAR1 half")
+    assert pq.read_table(out).num_rows == 60  # readers see neither: only a publish shows parts
     assert jobs.run(src, **args).exit_code == 0
     assert_mirrors(out, records, **check)
-    assert not list(out.glob("_tmp-*"))
+    assert not list(out.glob("_parts/_tmp-*")) and len(list(out.glob("_parts/part-*"))) == 1
 
-    (part,) = out.glob("part-*.parquet")
+    (part,) = out.glob("_parts/part-*.parquet")
     part.unlink()  # a part the user deleted: its records are embedded again (from the cache)
     result = jobs.run(src, **args)
     assert result.written == 60 and result.embedded == 0
@@ -370,8 +370,9 @@ def test_state_keeps_records_and_dead_letters_but_never_the_api_key(tmp_path: Pa
     (letter,) = jobs.dead_letters(out)
     assert (letter.id, letter.text, dict(letter.metadata)) == ("bad", "POISON pill", {"topic": "x"})
     assert "HTTP 400" in letter.reason
-    for f in out.iterdir():
-        assert secret.encode() not in f.read_bytes(), f.name
+    for f in out.rglob("*"):
+        if f.is_file():
+            assert secret.encode() not in f.read_bytes(), f.name
     # The queue is readable by the core's own dead-letter store.
     from embedpipe.deadletter import SQLiteDeadLetterStore
 

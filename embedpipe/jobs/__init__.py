@@ -9,7 +9,8 @@ Run the same call again after a crash and it carries on; run it after the source
 and it embeds only what changed, removes what left, and updates metadata in place.
 :func:`estimate` says what a run will cost without calling the API; :func:`dead_letters`,
 :func:`retry_dead_letters` and :func:`purge_dead_letters` manage records that failed for
-good. The ``embedpipe`` command line is a thin layer over these functions.
+good. :func:`read_output` reads a Parquet output's published table, whole, even while a run
+publishes a new one. The ``embedpipe`` command line is a thin layer over these functions.
 
 :func:`run` drives the job unit, which other drivers (Celery workers, the ingest service)
 call too: a :class:`JobSpec` says what the job is, a :class:`JobStore` holds its state,
@@ -34,7 +35,7 @@ from embedpipe.jobs.records import Entry, Record
 from embedpipe.jobs.repair import RepairResult, repair
 from embedpipe.jobs.results import BatchInfo, JobEstimate, JobProgress, JobResult
 from embedpipe.jobs.runner import estimate, run
-from embedpipe.jobs.sinks import JSONLSink, ParquetSink, Receipt, Sink, sink_from
+from embedpipe.jobs.sinks import JSONLSink, ParquetSink, Receipt, Sink, read_output, sink_from
 from embedpipe.jobs.sources import (
     CSVSource,
     DirectorySource,
@@ -93,6 +94,7 @@ __all__ = [
     "plan_chunks",
     "process_chunk",
     "purge_dead_letters",
+    "read_output",
     "repair",
     "retry_dead_letters",
     "run",

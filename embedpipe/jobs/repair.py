@@ -6,9 +6,11 @@ damaged output names. It:
 1. checks the state file (``PRAGMA quick_check``); a damaged one moves to ``DIR/_quarantine/``
    and a new state is rebuilt from the readable parts (ids, content hashes, metadata, model and
    dimensions are all in the rows);
-2. checks every part (footer, pages and their checksums); a damaged one moves to
-   ``_quarantine/``, and the state forgets the records whose rows were there;
-3. leaves the rest to the next run of the same command, which re-embeds the forgotten
+2. checks every part in ``DIR/_parts/`` (footer, pages and their checksums); a damaged one
+   moves to ``_quarantine/``, and the state forgets the records whose rows were there;
+3. compacts and publishes what is readable, so readers of ``DIR`` no longer meet the damaged
+   part (they lack its rows until the next run);
+4. leaves the rest to the next run of the same command, which re-embeds the forgotten
    records, from the cache where it holds them (nothing billed again), else from the source.
 
 Dead letters live in the state: a rebuilt state has none (their records are retried by the
@@ -103,8 +105,7 @@ def repair(out: Any, *, state: str | os.PathLike[str] | None = None) -> RepairRe
         rebuilt = True
     with store:
         store.lock()
-        for tmp in root.glob("_tmp-*"):
-            tmp.unlink(missing_ok=True)
+        sink.recover()  # temporary files, stray generations; the parts of the flat layout into _parts/
         good: list[Path] = []
         damaged: list[str] = []
         for part in sink.parts():
@@ -118,6 +119,10 @@ def repair(out: Any, *, state: str | os.PathLike[str] | None = None) -> RepairRe
             _rebuild(store, good, sink)
         elif damaged:
             forgotten = store.forget_locs(damaged)
+        if rebuilt or damaged:
+            # Readers get what is readable now (the published generation may link the damaged part),
+            # and a rebuilt state's older copies of an id are dropped before they could be published.
+            sink.compact(store)
         return RepairResult(tuple(quarantined), rebuilt, store.count(), forgotten)
 
 

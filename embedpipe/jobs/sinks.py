@@ -3,7 +3,9 @@
 Both write idempotently by id: every write is a new, complete file (or lines past the
 last committed byte), and the job's state says where each id's live row is. Rows the
 state does not point to (an older version, a deleted record, a write whose commit a
-crash cut off) are dropped when the sink compacts at the end of a run.
+crash cut off) are dropped when the sink compacts at the end of a run. Readers of either
+never see such rows: a Parquet folder publishes a whole new generation with one atomic
+rename at the end of compaction, and a JSONL file is replaced by one.
 
 Columns: ``id`` (string), ``vector`` (fixed-size list of float32), ``content_hash``
 (SHA-256 of the text, hex), ``model`` (the spec), ``dimensions`` (int32) and ``metadata``
@@ -20,6 +22,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -47,6 +50,17 @@ if TYPE_CHECKING:
 log = logging.getLogger("embedpipe.jobs")
 
 STATE_NAME = "_state.sqlite"
+#: the folders and link of a Parquet output (:class:`ParquetSink`): all parts, generations, the published one
+PARTS_DIR = "_parts"
+GENS_DIR = "_gens"
+DATA_NAME = "data"
+#: not Parquet, on purpose: DuckDB's ``read_parquet('DIR')`` would read ``_parts/`` and ``_gens/`` (it skips no
+#: ``_`` names and follows no link) and count rows two or three times; this file makes it fail, naming itself
+SIGN_NAME = "_not-parquet-read-data-folder.parquet"
+_SIGN_TEXT = ("This folder is an embedpipe Parquet output. Its table is DIR/data/ (a link to the current "
+              "generation): pyarrow.parquet.read_table(DIR) and pandas.read_parquet(DIR) read it; with DuckDB, "
+              "read_parquet('DIR/data/*.parquet'). DIR/_parts/ and DIR/_gens/ hold the same rows more than once.\n")
+_READ_TRIES = 5
 
 
 @dataclass
@@ -146,6 +160,24 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
+def _part_files(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.name.startswith("part-") and p.suffix == ".parquet")
+
+
+def _link(src: Path, dst: Path) -> None:
+    """``dst`` as a hard link of ``src`` (parts never change, so a link is a copy that costs nothing)."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        if dst.exists() or not src.exists():
+            raise
+        # A filesystem without hard links (some network mounts): a real copy, made durable.
+        shutil.copyfile(src, dst)
+        _fsync_file(dst)
+
+
 def _vector_type(dims: int, dtype: str = "float32") -> pa.DataType:
     import pyarrow as pa
 
@@ -197,14 +229,40 @@ def vectors_table(entries: Sequence[Entry], vectors: np.ndarray, model: str,
 
 
 class ParquetSink(Sink):
-    """A folder of Parquet part files that ``pyarrow.parquet.read_table(path)``, pandas and DuckDB read as one table.
+    """A folder that ``pyarrow.parquet.read_table(path)`` and pandas read as one table, published atomically.
 
-    Parts are written under a temporary ``_tmp-`` name and renamed when complete, so a
-    killed process never leaves a half-written part where readers look. The state and
-    lock (``_state.sqlite*``) start with ``_``, which readers skip. Compaction rewrites only
-    the parts that hold dropped rows or queued metadata, one part at a time, and merges
-    parts of fewer than ``small_rows`` rows into parts of up to ``part_rows``, so daily
-    updates do not pile up tiny files.
+    Layout of the folder ``DIR``::
+
+        DIR/_state.sqlite       the job's state (and its lock, journal and spill file, all ``_``-named)
+        DIR/_parts/part-*.parquet   every part written, the live and the not yet dropped
+        DIR/_gens/<N>/part-*.parquet  generation N: hard links of exactly the parts that hold live rows
+        DIR/data -> _gens/<N>   the published generation, the one readers see
+
+    Readers skip names that start with ``_`` or ``.``, so ``read_table(DIR)`` reads ``DIR/data/`` only
+    (DuckDB does not skip them, nor follow the link: it reads ``DIR/data/*.parquet``; a file named
+    :data:`SIGN_NAME` makes ``read_parquet('DIR')`` fail loudly rather than count rows twice).
+
+    Writes and compaction happen in ``_parts/``, where a part is written under a temporary
+    ``_tmp-`` name, fsynced and renamed, and never changed after: a rewrite or a merge is a
+    new part with a new name, the state moves to it, and then the old part goes. Compaction
+    rewrites only the parts that hold dropped rows or queued metadata, and merges parts of
+    fewer than ``small_rows`` rows into parts of up to ``part_rows``, so daily updates do not
+    pile up tiny files. It ends by publishing: a new generation folder is linked and fsynced,
+    then ``data`` is swapped to it with one ``rename``. Readers therefore see the output of the
+    last completed run (or compaction), whole, at every instant, a SIGKILL at any point
+    included; a run's own writes become visible when it finishes. The generation before stays
+    for readers still reading it; older ones go at the next publish or open.
+
+    A part's name holds the same rows in every generation it is in, so a reader that listed one
+    generation and opens its files after a swap reads that generation or, for a part that
+    compaction dropped, gets ``FileNotFoundError``: never a mix. :meth:`read_table`
+    (:func:`read_output`) resolves the generation once and reads only it, so one swap does not
+    disturb it (and it reads again if two went by while it read).
+
+    An output of the earlier flat layout (parts directly in ``DIR``) is adopted by :meth:`open`
+    (and by any compaction): its parts are linked into ``_parts/``, and readers go on seeing it as
+    it was. It leaves the flat layout at its first publish, which deletes those part files just
+    before ``data`` appears: for that moment, once, a reader may see some of its rows missing.
     """
 
     output_dtypes = frozenset({"float32", "int8", "uint8", "binary", "ubinary"})
@@ -234,53 +292,119 @@ class ParquetSink(Sink):
     def describe(self) -> str:
         return f"parquet:{self.path.resolve()}"
 
+    @property
+    def parts_dir(self) -> Path:
+        """The folder that holds every part written (``DIR/_parts``); readers see them through :meth:`published`."""
+        return self.path / PARTS_DIR
+
     def parts(self) -> list[Path]:
-        """The complete part files, in name order."""
-        if not self.path.is_dir():
-            return []
-        return sorted(p for p in self.path.iterdir() if p.name.startswith("part-") and p.suffix == ".parquet")
+        """The complete part files in ``_parts/``, in name order (live ones, and ones compaction will drop)."""
+        return _part_files(self.parts_dir)
+
+    def published(self) -> Path | None:
+        """The generation folder readers see now (``DIR/_gens/<N>``), or ``None`` before the first publish."""
+        gen = self._current_gen()
+        return None if gen is None else self.path / GENS_DIR / str(gen)
+
+    def read_table(self, columns: Sequence[str] | None = None) -> pa.Table:
+        """The published output as one table: one generation, resolved once, so never a mix of two.
+
+        An output not published yet reads as ``pyarrow.parquet.read_table`` reads the folder (empty, or the
+        parts of the flat layout an earlier version wrote).
+        """
+        import pyarrow.parquet as pq
+
+        cols = list(columns) if columns is not None else None
+        for attempt in range(_READ_TRIES):
+            gen = self.published()
+            if gen is None:
+                return pq.read_table(self.path, columns=cols)
+            try:
+                return pq.read_table(gen, columns=cols)
+            except FileNotFoundError:
+                # Two publishes went by while this read ran, and the generation it read was deleted.
+                if attempt == _READ_TRIES - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _current_gen(self) -> int | None:
+        try:
+            target = os.readlink(self.path / DATA_NAME)
+        except OSError:  # not there yet (or not a link: open() says so)
+            return None
+        name = Path(target).name
+        return int(name) if name.isdigit() else None
 
     def _new_name(self) -> str:
         if not self._prefix:
             # Time first, so parts list in the order they were written; a random tail so two
-            # runs (or a resumed one) can never pick the same name.
+            # runs (or a resumed one) can never pick the same name. A name is never reused:
+            # readers may open a generation's files by their names after a swap.
             self._prefix = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
         self._seq += 1
         return f"part-{self._prefix}-{self._seq:05d}.parquet"
 
-    def open(self, state: JobState) -> None:
+    def recover(self) -> None:
+        """Finish or undo what a crash cut short, and adopt an output of the flat layout.
+
+        Deletes temporary files and generations other than the published one and the one
+        before it (readers may still read that), and links the part files of the flat layout
+        (written directly in ``DIR`` by earlier versions) into ``_parts/``.
+        """
         if self.path.exists() and not self.path.is_dir():
             raise NotADirectoryError(f"--out {self.path} is a file; a Parquet output is a folder "
                                      "(name it *.jsonl for a JSONL file)")
-        self.path.mkdir(parents=True, exist_ok=True)
-        for tmp in self.path.glob("_tmp-*"):
-            tmp.unlink(missing_ok=True)  # a write a crash cut short
+        data = self.path / DATA_NAME
+        if data.exists() and not data.is_symlink():
+            raise ConfigurationError(f"{data} is not the link embedpipe publishes its output through; move it away")
+        self.parts_dir.mkdir(parents=True, exist_ok=True)
+        for folder in (self.path, self.parts_dir):
+            for tmp in folder.glob("_tmp-*"):
+                tmp.unlink(missing_ok=True)  # a write a crash cut short
+        self._adopt_flat()
+        current = self._current_gen()
+        older = [g for g in self._gens() if current is not None and g < current]
+        self._prune_gens({current, max(older, default=None)})
+
+    def _adopt_flat(self) -> None:
+        """Link the parts of the flat layout into ``_parts/``; the next publish deletes them from ``DIR``."""
+        flat = _part_files(self.path)
+        if not flat:
+            return
+        self.parts_dir.mkdir(parents=True, exist_ok=True)
+        for part in flat:
+            if not (self.parts_dir / part.name).exists():
+                _link(part, self.parts_dir / part.name)
+        _fsync_dir(self.parts_dir)
+
+    def open(self, state: JobState) -> None:
+        self.recover()
         present = {p.name for p in self.parts()}
         locs = state.locs()
         missing = [loc for loc in locs if loc not in present]
         if missing:
             n = state.forget_locs(missing)
             log.warning("embedpipe: %d part file(s) of %s are gone; their %d record(s) will be embedded again",
-                        len(missing), self.path, n)
+                        len(missing), self.parts_dir, n)
         # Never build on (or report success over) a damaged part: check every part the state relies on.
         for loc in locs:
             if loc in present:
-                damage = part_damage(self.path / loc, state.ids_at(loc))
+                damage = part_damage(self.parts_dir / loc, state.ids_at(loc))
                 if damage:
-                    raise DamagedOutputError(f"output part {self.path / loc} is damaged ({damage}); run `embedpipe "
-                                             f"repair --out {self.path}` to set it aside and re-embed its records "
-                                             "(from the cache where it holds them)", self.path / loc)
+                    raise DamagedOutputError(f"output part {self.parts_dir / loc} is damaged ({damage}); run "
+                                             f"`embedpipe repair --out {self.path}` to set it aside and re-embed its "
+                                             "records (from the cache where it holds them)", self.parts_dir / loc)
 
     @contextlib.contextmanager
     def _atomic(self, name: str) -> Iterator[Path]:
-        """A temporary path to write; on success it is fsynced and renamed to ``name``."""
-        # Neither readers of the folder (they skip "_") nor a "*.parquet" glob (DuckDB) see it.
-        tmp = self.path / f"_tmp-{uuid.uuid4().hex}.part"
+        """A temporary path in ``_parts/`` to write; on success it is fsynced and renamed to ``name``."""
+        self.parts_dir.mkdir(exist_ok=True)  # not DIR itself: a worker that does not see the folder fails
+        tmp = self.parts_dir / f"_tmp-{uuid.uuid4().hex}.part"
         try:
             yield tmp
             _fsync_file(tmp)
-            os.replace(tmp, self.path / name)
-            _fsync_dir(self.path)
+            os.replace(tmp, self.parts_dir / name)
+            _fsync_dir(self.parts_dir)
         finally:
             tmp.unlink(missing_ok=True)
 
@@ -299,8 +423,12 @@ class ParquetSink(Sink):
         return Receipt([name] * len(entries))
 
     def compact(self, state: JobState) -> None:
+        """Drop rows the state no longer points to, apply queued metadata, merge small parts; then publish."""
         import pyarrow.parquet as pq
 
+        # Whatever calls this (a run's end, dlq retry, repair, a delete through the service), an output
+        # of the flat layout is adopted first, so the publish that deletes its flat parts loses nothing.
+        self._adopt_flat()
         counts = state.loc_counts()
         relabel = state.pending_metadata_locs()
         small: list[tuple[Path, int]] = []
@@ -311,19 +439,15 @@ class ParquetSink(Sink):
                 continue
             rows = pq.read_metadata(part).num_rows
             if live != rows or part.name in relabel:
-                self._rewrite(part, state)
+                part = self._rewrite(part, state)
             if live < self.small_rows:
                 small.append((part, live))
         self._merge(small, state)
         state.clear_pending_metadata()
-        dims = state.get("dimensions")
-        if not self.parts() and dims:
-            # An empty output still has its columns, so readers get the schema, not an empty frame.
-            self._write_atomic(_schema(int(dims), self.format.dtype).empty_table(), "part-empty.parquet")
-        _fsync_dir(self.path)
+        self._publish(state)
 
-    def _rewrite(self, part: Path, state: JobState) -> None:
-        """Keep the rows of ``part`` the state points to, with their queued metadata; replace it atomically."""
+    def _rewrite(self, part: Path, state: JobState) -> Path:
+        """Copy the rows of ``part`` the state points to, with their queued metadata, to a new part; move the state."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -337,7 +461,13 @@ class ParquetSink(Sink):
             old = table.column("metadata").to_pylist()
             new = [updates.get(i, m) for i, m in zip(kept, old, strict=True)]
             table = table.set_column(table.schema.get_field_index("metadata"), "metadata", pa.array(new, pa.string()))
-        self._write_atomic(table, part.name)
+        name = self._new_name()
+        self._write_atomic(table, name)
+        # As in _merge: the state moves first, so a crash leaves only a part it no longer points to.
+        with state.transaction() as db:
+            state.move(db, [(name, i) for i in kept])
+        part.unlink()
+        return self.parts_dir / name
 
     def _merge(self, small: list[tuple[Path, int]], state: JobState) -> None:
         """Merge small parts into parts of up to ``part_rows`` rows, one source part in memory at a time."""
@@ -368,18 +498,94 @@ class ParquetSink(Sink):
                     if writer is not None:
                         writer.close()
             # The state moves to the merged part before the small ones go: a crash in between
-            # leaves rows the state no longer points to, which the next compaction drops.
+            # leaves rows the state no longer points to, which the next compaction drops. Readers
+            # see none of this: they read the published generation until the next publish.
             with state.transaction() as db:
                 state.move(db, moves)
             for p in group:
                 p.unlink()
 
+    def _publish(self, state: JobState) -> None:
+        """Make a new generation of exactly the parts that hold live rows, and swap ``data`` to it."""
+        import pyarrow.parquet as pq
+
+        counts = state.loc_counts()
+        names = [p.name for p in self.parts() if counts.get(p.name)]
+        for name in names:
+            rows = pq.read_metadata(self.parts_dir / name).num_rows
+            if rows != counts[name]:
+                # Publishing it would show rows twice (or lose some): refuse, and leave the last generation up.
+                raise DamagedOutputError(f"output part {self.parts_dir / name} holds {rows} rows where the state "
+                                         f"puts {counts[name]}; nothing was published. Run `embedpipe repair "
+                                         f"--out {self.path}`", self.parts_dir / name)
+        dims = state.get("dimensions")
+        if not names and dims:
+            # An empty output still has its columns, so readers get the schema, not an empty frame.
+            name = self._new_name()
+            self._write_atomic(_schema(int(dims), self.format.dtype).empty_table(), name)
+            names = [name]
+        gens = self.path / GENS_DIR
+        gens.mkdir(exist_ok=True)
+        current = self._current_gen()
+        number = max([*self._gens(), current or 0]) + 1
+        folder = gens / str(number)
+        folder.mkdir()
+        for name in names:
+            _link(self.parts_dir / name, folder / name)
+        _fsync_dir(folder)
+        _fsync_dir(gens)
+        # The last step of leaving the flat layout: its parts (linked into _parts/ when this compaction
+        # began) go just before data appears, so readers never see them and the generation together.
+        for part in _part_files(self.path):
+            part.unlink()
+        sign = self.path / SIGN_NAME
+        if not sign.exists():
+            sign.write_text(_SIGN_TEXT, encoding="utf-8")
+        # Made inside _gens/, where its relative target does not resolve: a reader that lists the
+        # folder meanwhile finds a dangling link, not a folder that vanishes under it.
+        link = gens / f"_next.tmp-{uuid.uuid4().hex}"
+        os.symlink(f"{GENS_DIR}/{number}", link)
+        os.replace(link, self.path / DATA_NAME)
+        _fsync_dir(self.path)
+        _fsync_dir(gens)
+        self._prune_gens({number, current})
+
+    def _gens(self) -> list[int]:
+        gens = self.path / GENS_DIR
+        if not gens.is_dir():
+            return []
+        return sorted(int(p.name) for p in gens.iterdir() if p.name.isdigit())
+
+    def _prune_gens(self, keep: set[int | None]) -> None:
+        """Delete generations not in ``keep`` and links a publish left half made."""
+        gens = self.path / GENS_DIR
+        if not gens.is_dir():
+            return
+        for entry in gens.iterdir():
+            if entry.name.startswith("_next.tmp-"):
+                entry.unlink(missing_ok=True)
+            elif entry.name.isdigit() and int(entry.name) not in keep:
+                shutil.rmtree(entry, ignore_errors=True)
+
     def reset(self) -> None:
+        # Readers keep the last published generation until the rebuild publishes its own.
         for part in self.parts():
             part.unlink()
 
     def __repr__(self) -> str:
         return f"ParquetSink({str(self.path)!r})"
+
+
+def read_output(out: str | os.PathLike[str] | ParquetSink, columns: Sequence[str] | None = None) -> pa.Table:
+    """The table a Parquet job output holds now: its published generation, read whole (:meth:`ParquetSink.read_table`).
+
+    ``out`` is what ``--out`` took (a folder or a ``parquet://`` URL) or the sink. A JSONL output
+    is one file that compaction replaces atomically: read it directly.
+    """
+    sink = out if isinstance(out, ParquetSink) else sink_from(out)
+    if not isinstance(sink, ParquetSink):
+        raise ConfigurationError(f"read_output reads Parquet outputs (a folder), not {sink!r}")
+    return sink.read_table(columns)
 
 
 # ------------------------------------------------------------------ JSONL
@@ -543,4 +749,4 @@ def sink_from_description(text: str) -> Sink | None:
     return None
 
 
-__all__ = ["JSONLSink", "ParquetSink", "Receipt", "Sink", "part_damage", "sink_from", "vectors_table"]
+__all__ = ["JSONLSink", "ParquetSink", "Receipt", "Sink", "part_damage", "read_output", "sink_from", "vectors_table"]
