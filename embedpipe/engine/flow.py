@@ -152,9 +152,10 @@ def sizing(limiter: RateLimiter, latency: LatencyModel, *, cap: int | None, max_
     else:
         size = float(cap or MODERATE_REQUEST_TOKENS)
     if req_rate is not None and latency.samples >= SETTLED and latency.slope > 0:
-        # Requests no smaller than half the fixed latency's worth (at most 4x the smallest): each
-        # costs the client and the server some work of its own, which the token rate does not pay for.
-        size = max(size, min(4 * size, latency.intercept / (2 * latency.slope)))
+        # Requests no smaller than half the fixed latency's worth: each costs the client and the
+        # server some work of its own, which the token rate does not pay for (on a fast server, a
+        # thousand 1k-token requests lose 3% of the rate to it, as measured in BENCHMARKS.md).
+        size = max(size, latency.intercept / (2 * latency.slope))
     if cap:
         size = min(size, cap)
     tokens = max(1, int(size))
