@@ -24,9 +24,12 @@ from embedpipe.limits import RateLimiter
 PRIOR_LATENCY = 0.5
 #: in flight for this much above the limit's rate, so that at steady state the limiter, not the
 #: in-flight cap, sets the pace (the gap between one answer and the next request costs nothing)
-HEADROOM = 1.1
+HEADROOM = 1.05
+#: what a bucket holds is spent at this many times the limit's rate per window: a full bucket
+#: is gone in about half a window, after which the limit's rate alone is what the server refills
+SPEND = 2.0
 #: requests use at most this share of the request rate the limiter allows: the token rate binds
-RPM_SHARE = 0.8
+RPM_SHARE = 0.9
 #: without a token limit, the most tokens one request to a remote API holds (at most
 #: ``max_concurrency`` requests of this size are at risk at a crash)
 MODERATE_REQUEST_TOKENS = 32_768
@@ -135,16 +138,15 @@ def sizing(limiter: RateLimiter, latency: LatencyModel, *, cap: int | None, max_
         # Requests only: Little's law in requests, today's sizes (capped when remote).
         assert req_rate is not None
         tokens = cap if not remote else min(cap or MODERATE_REQUEST_TOKENS, MODERATE_REQUEST_TOKENS)
-        rate = req_rate * (HEADROOM + (_level(limiter, "requests") if observed else 0.0))
+        rate = req_rate * (HEADROOM + (SPEND * _level(limiter, "requests") if observed else 0.0))
         n = max(1, math.ceil(rate * latency.predict(tokens or 0)))
         return Sizing(tokens, math.inf, min(requests_cap, n), True)
-    # The rate to run at: the limit, plus what the bucket holds spread over one window (a full
-    # bucket is spent over about a window, as the server refills its own).
-    rate = tok_rate * (HEADROOM + (_level(limiter, "tokens") if observed else 0.0))
+    # The rate to run at: the limit, plus what the bucket holds spent over about half a window.
+    rate = tok_rate * (HEADROOM + (SPEND * _level(limiter, "tokens") if observed else 0.0))
     if req_rate is not None:
         # The smallest requests that keep the request rate below its limit: the fewer tokens a
         # request holds, the shorter its latency and the less is in flight.
-        allowed = req_rate * (HEADROOM + (_level(limiter, "requests") if observed else 0.0))
+        allowed = req_rate * (HEADROOM + (SPEND * _level(limiter, "requests") if observed else 0.0))
         size = rate / (allowed * RPM_SHARE)
     elif latency.samples >= SETTLED and latency.slope > 0:
         # No request limit: requests big enough that their size costs half the fixed latency.
@@ -152,10 +154,10 @@ def sizing(limiter: RateLimiter, latency: LatencyModel, *, cap: int | None, max_
     else:
         size = float(cap or MODERATE_REQUEST_TOKENS)
     if req_rate is not None and latency.samples >= SETTLED and latency.slope > 0:
-        # Requests no smaller than half the fixed latency's worth: each costs the client and the
-        # server some work of its own, which the token rate does not pay for (on a fast server, a
-        # thousand 1k-token requests lose 3% of the rate to it, as measured in BENCHMARKS.md).
-        size = max(size, latency.intercept / (2 * latency.slope))
+        # Requests no smaller than a quarter of the fixed latency's worth: each costs the client and
+        # the server some work of its own, which the token rate does not pay for (on a fast server,
+        # a thousand 1k-token requests lose 3% of the rate to it, as measured in BENCHMARKS.md).
+        size = max(size, latency.intercept / (4 * latency.slope))
     if cap:
         size = min(size, cap)
     tokens = max(1, int(size))
