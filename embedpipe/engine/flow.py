@@ -35,6 +35,11 @@ RPM_SHARE = 0.9
 MODERATE_REQUEST_TOKENS = 32_768
 #: without ``max_concurrency`` given, the most requests in flight under a rate limit
 MAX_REQUESTS_IN_FLIGHT = 256
+#: the fewest requests that share the tokens in flight
+PIPELINE = 2
+#: without a request limit, the fewest tokens a paced request holds (a fast server needs little in
+#: flight, but a request per text would cost more than it saves)
+MIN_REQUEST_TOKENS = 1024
 #: answers seen before the latency's slope sizes requests (a few answers give a noisy slope)
 SETTLED = 10
 #: the weight an earlier observation keeps at each new one (about the last 20 answers count)
@@ -143,27 +148,29 @@ def sizing(limiter: RateLimiter, latency: LatencyModel, *, cap: int | None, max_
         return Sizing(tokens, math.inf, min(requests_cap, n), True)
     # The rate to run at: the limit, plus what the bucket holds spent over about half a window.
     rate = tok_rate * (HEADROOM + (SPEND * _level(limiter, "tokens") if observed else 0.0))
+    # Little's law: tokens in flight = rate x the time a token spends in flight (observed, by size).
+    in_flight = rate * latency.per_token
+    slope = latency.slope if latency.samples >= SETTLED else 0.0  # a few answers give a noisy slope
     if req_rate is not None:
         # The smallest requests that keep the request rate below its limit: the fewer tokens a
         # request holds, the shorter its latency and the less is in flight.
         allowed = req_rate * (HEADROOM + (SPEND * _level(limiter, "requests") if observed else 0.0))
-        size = rate / (allowed * RPM_SHARE)
-    elif latency.samples >= SETTLED and latency.slope > 0:
-        # No request limit: requests big enough that their size costs half the fixed latency.
-        size = latency.intercept / (2 * latency.slope)
+        floor = rate / (allowed * RPM_SHARE)
+        # Bigger, up to a quarter of the fixed latency's worth: each request costs the client and the
+        # server some work of its own, which the token rate does not pay for (on a fast server, a
+        # thousand 1k-token requests lose 3% of the rate to it, as measured in BENCHMARKS.md).
+        size = latency.intercept / (4 * slope) if slope > 0 else floor
     else:
-        size = float(cap or MODERATE_REQUEST_TOKENS)
-    if req_rate is not None and latency.samples >= SETTLED and latency.slope > 0:
-        # Requests no smaller than a quarter of the fixed latency's worth: each costs the client and
-        # the server some work of its own, which the token rate does not pay for (on a fast server,
-        # a thousand 1k-token requests lose 3% of the rate to it, as measured in BENCHMARKS.md).
-        size = max(size, latency.intercept / (4 * latency.slope))
+        floor = float(MIN_REQUEST_TOKENS)
+        # No request limit: requests big enough that their size costs half the fixed latency.
+        size = latency.intercept / (2 * slope) if slope > 0 else float(cap or MODERATE_REQUEST_TOKENS)
+    # At least PIPELINE requests share what may be in flight: one request bigger than all of it
+    # would leave the pipe empty while the limiter refills its whole size, then wait its latency.
+    size = max(floor, min(size, in_flight / PIPELINE))
     if cap:
         size = min(size, cap)
     tokens = max(1, int(size))
-    # Little's law: tokens in flight = rate x the time a token spends in flight (observed, by size).
-    in_flight = max(float(tokens), rate * latency.per_token)
-    return Sizing(tokens, in_flight, requests_cap, True)
+    return Sizing(tokens, max(float(tokens), in_flight), requests_cap, True)
 
 
 def shrunk(size: Sizing, remaining: int) -> int | None:
