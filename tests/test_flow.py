@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from embedpipe import EmbeddingPipeline
-from embedpipe.engine.flow import MODERATE_REQUEST_TOKENS, LatencyModel, shrunk, sizing
+from embedpipe.engine.flow import MODERATE_REQUEST_TOKENS, LatencyModel, server_seconds, shrunk, sizing
 from embedpipe.limits import MemoryRateLimiter
 from tests.openai_server import OpenAITestServer
 
@@ -174,3 +174,14 @@ def test_requests_shrink_at_the_end_of_a_call() -> None:
     left = size.tokens  # one request's worth left: spread over the requests that may be in flight
     assert shrunk(size, left) == math.ceil(left / max(1.0, min(size.in_flight_requests, slots)))
     assert shrunk(size, left) < size.tokens  # type: ignore[operator]
+
+
+def test_a_busy_client_does_not_inflate_the_latency() -> None:
+    """With the server's own figure (``openai-processing-ms``), an answer read late by a busy client
+    counts as the server's time plus the network's round trip, the smallest gap seen."""
+    model = LatencyModel()
+    model.observe(1000, 0.35, server=0.30)   # a 50 ms round trip
+    model.observe(1000, 1.40, server=0.31)   # read a second late: the loop was busy
+    assert model.per_token == pytest.approx((0.35 + 0.36) / 2, rel=0.05)
+    assert server_seconds({"OpenAI-Processing-Ms": "310"}) == pytest.approx(0.31)
+    assert server_seconds({"openai-processing-ms": "n/a"}) is None and server_seconds(None) is None

@@ -33,7 +33,7 @@ from embedpipe.cache import CacheBackend
 from embedpipe.cost import Estimate, cost_of
 from embedpipe.engine.audio import AudioStage, Expanded, is_audio
 from embedpipe.engine.budget import Budget
-from embedpipe.engine.flow import InFlight, LatencyModel, Sizing, shrunk, sizing
+from embedpipe.engine.flow import InFlight, LatencyModel, Sizing, server_seconds, shrunk, sizing
 from embedpipe.engine.isolate import Isolation, isolate
 from embedpipe.engine.items import acontent_keys, content_keys
 from embedpipe.engine.planning import (
@@ -834,7 +834,7 @@ class Engine:
             raise exc from raw
         self._storm = False
         seconds = time.perf_counter() - t0
-        self.latency.observe(est, seconds)
+        self.latency.observe(est, seconds, server_seconds(result.headers))
         billed = result.tokens if result.tokens is not None else est
         await self._reconcile(call, est, billed)
         if result.headers:

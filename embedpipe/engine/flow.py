@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from embedpipe.limits import RateLimiter
@@ -57,10 +57,22 @@ class LatencyModel:
         self.decay = decay
         self.samples = 0
         self._w = self._x = self._y = self._xx = self._xy = 0.0
+        self._gap = math.inf
 
-    def observe(self, tokens: float, seconds: float) -> None:
+    def observe(self, tokens: float, seconds: float, server: float | None = None) -> None:
+        """Learn from one answer: ``seconds`` from send to answer here, ``server`` what the server
+        says it took (``openai-processing-ms``), when it says.
+
+        With the server's figure, the latency is that plus the smallest gap seen between the two
+        (the network's round trip): a busy client, late to read its answers, does not make it
+        look as if more must be in flight. Answers already in are not at risk; a client that
+        cannot keep up gains nothing from sending more.
+        """
         if not (seconds >= 0 and math.isfinite(seconds)) or tokens < 0:
             return
+        if server is not None and 0 <= server <= seconds:
+            self._gap = min(self._gap, seconds - server)
+            seconds = server + self._gap
         d = self.decay
         self._w = self._w * d + 1.0
         self._x = self._x * d + tokens
@@ -100,6 +112,20 @@ class LatencyModel:
         if not self.samples:
             return PRIOR_LATENCY
         return max(1e-3, self.intercept + self.slope * tokens)
+
+
+def server_seconds(headers: Mapping[str, str] | None) -> float | None:
+    """The seconds the server says a request took (OpenAI's ``openai-processing-ms``), or ``None``."""
+    if not headers:
+        return None
+    for key, value in headers.items():
+        if key.lower() == "openai-processing-ms":
+            try:
+                ms = float(value)
+            except (TypeError, ValueError):
+                return None
+            return ms / 1000 if math.isfinite(ms) and ms >= 0 else None
+    return None
 
 
 @dataclass(frozen=True)
@@ -217,4 +243,4 @@ class InFlight:
             self._changed.notify_all()
 
 
-__all__ = ["InFlight", "LatencyModel", "Sizing", "shrunk", "sizing"]
+__all__ = ["InFlight", "LatencyModel", "Sizing", "server_seconds", "shrunk", "sizing"]
