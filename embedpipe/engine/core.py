@@ -647,9 +647,11 @@ class Engine:
         gate = self._gate()
 
         async def run_batch(batch: list[Piece], tokens: int) -> None:
+            admitted = time.perf_counter()
             try:
                 await isolate(self, call, batch, Isolation(batch), deliver)
             finally:
+                self.latency.observe_held(tokens, time.perf_counter() - admitted)
                 await gate.done(tokens)
 
         whole = self.budget.limit_usd is not None or (self.on_long_input == "error" and call.errors == "raise")

@@ -58,6 +58,7 @@ class LatencyModel:
         self.samples = 0
         self._w = self._x = self._y = self._xx = self._xy = 0.0
         self._gap = math.inf
+        self._held_x = self._held_y = 0.0
 
     def observe(self, tokens: float, seconds: float, server: float | None = None) -> None:
         """Learn from one answer: ``seconds`` from send to answer here, ``server`` what the server
@@ -80,6 +81,21 @@ class LatencyModel:
         self._xx = self._xx * d + tokens * tokens
         self._xy = self._xy * d + tokens * seconds
         self.samples += 1
+
+    def observe_held(self, tokens: float, seconds: float) -> None:
+        """Learn how long a request held its place in flight (from admission to its answer handled:
+        the limiter's wait and the client's own work included)."""
+        if seconds >= 0 and math.isfinite(seconds) and tokens > 0:
+            d = self.decay
+            self._held_x = self._held_x * d + tokens
+            self._held_y = self._held_y * d + tokens * seconds
+
+    @property
+    def held(self) -> float:
+        """The mean time a token holds its place in flight, by request size (:attr:`per_token` until known)."""
+        if self._held_x <= 0:
+            return self.per_token
+        return max(self.per_token, self._held_y / self._held_x)
 
     @property
     def per_token(self) -> float:
@@ -174,8 +190,10 @@ def sizing(limiter: RateLimiter, latency: LatencyModel, *, cap: int | None, max_
         return Sizing(tokens, math.inf, min(requests_cap, n), True)
     # The rate to run at: the limit, plus what the bucket holds spent over about half a window.
     rate = tok_rate * (HEADROOM + (SPEND * _level(limiter, "tokens") if observed else 0.0))
-    # Little's law: tokens in flight = rate x the time a token spends in flight (observed, by size).
-    in_flight = rate * latency.per_token
+    # Little's law: tokens in flight = rate x the time a token holds its place (observed, by size).
+    # At the server only its latency of that is at risk: the rest is the limiter's wait before
+    # sending and the client's work after the answer.
+    in_flight = rate * latency.held
     slope = latency.slope if latency.samples >= SETTLED else 0.0  # a few answers give a noisy slope
     if req_rate is not None:
         # The smallest requests that keep the request rate below its limit: the fewer tokens a
