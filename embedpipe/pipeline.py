@@ -168,6 +168,18 @@ class EmbeddingPipeline:
         self._engine.batch_size = value
 
     @property
+    def max_tokens_in_flight(self) -> int | None:
+        """The most tokens in flight at once, whatever the rates: what a crash may re-bill at most
+        (``None``, the default: about token rate x latency under rpm/tpm; a job sets 1.5% of its size)."""
+        return self._engine.max_tokens_in_flight
+
+    @max_tokens_in_flight.setter
+    def max_tokens_in_flight(self, value: int | None) -> None:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigurationError(f"max_tokens_in_flight must be a positive integer or None, got {value!r}")
+        self._engine.max_tokens_in_flight = value
+
+    @property
     def expected_dims(self) -> int | None:
         """The length every returned vector has (``None`` until a provider reports it)."""
         return self._engine.expected_dims

@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 
 from embedpipe import EmbeddingPipeline
-from embedpipe.engine.flow import MODERATE_REQUEST_TOKENS, LatencyModel, server_seconds, shrunk, sizing
+from embedpipe.engine.flow import MODERATE_REQUEST_TOKENS, LatencyModel, at_risk_for, server_seconds, shrunk, sizing
+from embedpipe.errors import ConfigurationError
 from embedpipe.limits import MemoryRateLimiter
 from tests.openai_server import OpenAITestServer
 
@@ -185,3 +186,22 @@ def test_a_busy_client_does_not_inflate_the_latency() -> None:
     assert model.per_token == pytest.approx((0.35 + 0.36) / 2, rel=0.05)
     assert server_seconds({"OpenAI-Processing-Ms": "310"}) == pytest.approx(0.31)
     assert server_seconds({"openai-processing-ms": "n/a"}) is None and server_seconds(None) is None
+
+
+def test_max_tokens_in_flight_caps_what_a_crash_may_rebill(openai_server: OpenAITestServer,
+                                                           corpus: list[dict[str, str]]) -> None:
+    """A cap on tokens in flight holds whatever the rates; a job sets it to 1.5% of its tokens
+    (at least 32k), so a crash re-bills at most about that."""
+    openai_server.control.configure(rpm=300, tpm=600_000, window=10.0, latency=0.2, latency_per_token=5e-5)
+    texts = [r["text"] for r in corpus[:300]]
+    with EmbeddingPipeline(f"openai:{MODEL}", base_url=openai_server.base_url, api_key="sk-test", cache=None,
+                           rpm=1_800, tpm=3_600_000) as pipe:
+        pipe.max_tokens_in_flight = 12_000
+        watch = Watch(pipe)
+        out = pipe.embed(texts)
+        with pytest.raises(ConfigurationError, match="max_tokens_in_flight"):
+            pipe.max_tokens_in_flight = 0
+    assert all(v is not None for v in out)
+    # One input longer than the cap still goes, alone.
+    assert watch.most_in_flight <= max(12_000, max(watch.sizes)), watch.most_in_flight
+    assert at_risk_for(10_000_000) == 150_000 and at_risk_for(2_094_764) == MODERATE_REQUEST_TOKENS

@@ -169,6 +169,8 @@ class Engine:
         self._in_flight: InFlight | None = None
         #: the latency of recent answers by request size, for Little's law
         self.latency = LatencyModel()
+        #: the most tokens in flight at once, whatever the rates (what a crash may re-bill); None: no such cap
+        self.max_tokens_in_flight: int | None = None
         #: whether max_concurrency was set (a cap) or is the provider's default (rate limits may go above it)
         self.concurrency_given = concurrency_given
         self._truncation_warned = False
@@ -719,7 +721,8 @@ class Engine:
     def sizing(self) -> Sizing:
         """The size of the next request and the caps on what is in flight (see :mod:`embedpipe.engine.flow`)."""
         return sizing(self._limiter(), self.latency, cap=self.request_cap(), max_concurrency=self.max_concurrency,
-                      concurrency_given=self.concurrency_given, remote=self.info.price_per_1m_units != 0.0)
+                      concurrency_given=self.concurrency_given, remote=self.info.price_per_1m_units != 0.0,
+                      at_risk=self.max_tokens_in_flight)
 
     def _gate(self) -> InFlight:
         if self._in_flight is None:

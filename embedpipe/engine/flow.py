@@ -35,6 +35,8 @@ RPM_SHARE = 0.9
 MODERATE_REQUEST_TOKENS = 32_768
 #: without ``max_concurrency`` given, the most requests in flight under a rate limit
 MAX_REQUESTS_IN_FLIGHT = 256
+#: the share of a job a crash may re-bill: a job keeps at most this share of its tokens in flight
+AT_RISK_SHARE = 0.015
 #: the fewest requests that share the tokens in flight
 PIPELINE = 2
 #: without a request limit, the fewest tokens a paced request holds (a fast server needs little in
@@ -162,13 +164,32 @@ def _level(limiter: RateLimiter, bucket: str) -> float:
 
 
 def sizing(limiter: RateLimiter, latency: LatencyModel, *, cap: int | None, max_concurrency: int,
-           concurrency_given: bool, remote: bool) -> Sizing:
+           concurrency_given: bool, remote: bool, at_risk: int | None = None) -> Sizing:
     """The request size and in-flight caps for ``limiter``'s limits and the latency seen so far.
 
     ``cap``: the most tokens a request may hold (``max_batch_tokens``, an eighth of the token
     bucket); ``remote``: a paid API (its requests are capped at :data:`MODERATE_REQUEST_TOKENS`
-    when no token limit sizes them).
+    when no token limit sizes them); ``at_risk``: the most tokens in flight at once whatever the
+    rates (a job sets it from its size, see :func:`at_risk_for`).
     """
+    size = _sizing(limiter, latency, cap=cap, max_concurrency=max_concurrency, concurrency_given=concurrency_given,
+                   remote=remote)
+    if at_risk is None:
+        return size
+    tokens = size.tokens if size.tokens is None else max(1, min(size.tokens, at_risk // PIPELINE))
+    return Sizing(tokens, min(size.in_flight_tokens, max(float(at_risk), float(tokens or 0))),
+                  size.in_flight_requests, size.paced)
+
+
+def at_risk_for(job_tokens: int) -> int:
+    """The most tokens a job of ``job_tokens`` keeps in flight: :data:`AT_RISK_SHARE` of it, so a crash
+    re-bills at most about that, and never less than :data:`MODERATE_REQUEST_TOKENS` (a small job
+    is cheap to re-bill and should not crawl)."""
+    return max(MODERATE_REQUEST_TOKENS, int(job_tokens * AT_RISK_SHARE))
+
+
+def _sizing(limiter: RateLimiter, latency: LatencyModel, *, cap: int | None, max_concurrency: int,
+            concurrency_given: bool, remote: bool) -> Sizing:
     window = limiter.window
     tok_rate = limiter.tpm / window if limiter.tpm else None
     req_rate = limiter.rpm / window if limiter.rpm else None
@@ -261,4 +282,4 @@ class InFlight:
             self._changed.notify_all()
 
 
-__all__ = ["InFlight", "LatencyModel", "Sizing", "server_seconds", "shrunk", "sizing"]
+__all__ = ["InFlight", "LatencyModel", "Sizing", "at_risk_for", "server_seconds", "shrunk", "sizing"]

@@ -24,6 +24,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from embedpipe.cost import BATCH_COMPLETION_WINDOW, batch_price_of, cost_of
+from embedpipe.engine.flow import at_risk_for
 from embedpipe.events import Event, LimiterWaited, RateLimited, RequestDone
 from embedpipe.jobs.batch_api import batch_options, batch_provider, through_batches
 from embedpipe.jobs.chunked import job_source, record_batches
@@ -280,6 +281,9 @@ def run(source: SourceLike, *, out: Any = None, api_key: str | None = None, rebu
                     raise BudgetRefusedError(
                         f"the estimate for the uncached part, ${cost:.6f} ({est.tokens:,} tokens), exceeds "
                         f"the budget of ${spec.budget_usd:.6f}; nothing was sent", est, spec.budget_usd)
+            if est is not None and est.tokens:
+                # What a crash may re-bill is what is in flight: at most a small share of the job.
+                pipe.max_tokens_in_flight = at_risk_for(est.tokens)
             total = est.records if est is not None else None
             if total is None and progress is not None:
                 total = job_source(spec).count()
