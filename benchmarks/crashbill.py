@@ -156,7 +156,9 @@ def run(ctx: Any) -> Result:
         "(`bill_abandoned`), as a provider that did the work would; answers that arrived are in the cache "
         "and cost nothing on resume.",
         "Requests in flight at a crash are what it re-bills: embedpipe keeps about rate × latency tokens in "
-        "flight (Little's law, `embedpipe/engine/flow.py`), in requests sized from the rpm and tpm.",
+        "flight (Little's law, `embedpipe/engine/flow.py`), in requests sized from the rpm and tpm, and a job at "
+        "most 1.5% of its estimated tokens (at least 32,768: `max_tokens_in_flight`); answers that arrived but "
+        "were not yet cached at the kill add a little.",
     ]
     setup = (f"Server: {SERVER['rpm']} requests and {SERVER['tpm']:,} tokens per {SERVER['window']:g} s, latency "
              f"{SERVER['latency']:g} s + {SERVER['latency_per_token'] * 1000:g} s per 1k tokens; client told "
