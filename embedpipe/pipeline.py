@@ -169,8 +169,9 @@ class EmbeddingPipeline:
 
     @property
     def max_tokens_in_flight(self) -> int | None:
-        """The most tokens in flight at once, whatever the rates: what a crash may re-bill at most
-        (``None``, the default: about token rate x latency under rpm/tpm; a job sets 1.5% of its size)."""
+        """Under rpm/tpm, the most tokens in flight at once, whatever the rates: what a crash may re-bill
+        at most (``None``, the default: about token rate x latency; a job sets 1.5% of its size). Without
+        rate limits, ``max_concurrency`` requests of moderate size are in flight and this is not used."""
         return self._engine.max_tokens_in_flight
 
     @max_tokens_in_flight.setter

@@ -205,3 +205,13 @@ def test_max_tokens_in_flight_caps_what_a_crash_may_rebill(openai_server: OpenAI
     # One input longer than the cap still goes, alone.
     assert watch.most_in_flight <= max(12_000, max(watch.sizes)), watch.most_in_flight
     assert at_risk_for(10_000_000) == 150_000 and at_risk_for(2_094_764) == MODERATE_REQUEST_TOKENS
+
+
+def test_the_jobs_cap_leaves_unlimited_sizing_alone() -> None:
+    """Without rpm/tpm, a job's cap on tokens in flight does not apply: max_concurrency moderate requests go."""
+    size = sizing(MemoryRateLimiter(), LatencyModel(), cap=300_000, max_concurrency=8, concurrency_given=False,
+                  remote=True, at_risk=32_768)
+    assert size.tokens == MODERATE_REQUEST_TOKENS and math.isinf(size.in_flight_tokens)
+    paced = sizing(MemoryRateLimiter(rpm=1_800, tpm=3_600_000), LatencyModel(), cap=300_000, max_concurrency=8,
+                   concurrency_given=False, remote=True, at_risk=32_768)
+    assert paced.in_flight_tokens <= 32_768 and paced.tokens is not None and paced.tokens <= 16_384

@@ -170,12 +170,12 @@ def sizing(limiter: RateLimiter, latency: LatencyModel, *, cap: int | None, max_
     ``cap``: the most tokens a request may hold (``max_batch_tokens``, an eighth of the token
     bucket); ``remote``: a paid API (its requests are capped at :data:`MODERATE_REQUEST_TOKENS`
     when no token limit sizes them); ``at_risk``: the most tokens in flight at once whatever the
-    rates (a job sets it from its size, see :func:`at_risk_for`).
+    rates, under rate limits (a job sets it from its size, see :func:`at_risk_for`).
     """
     size = _sizing(limiter, latency, cap=cap, max_concurrency=max_concurrency, concurrency_given=concurrency_given,
                    remote=remote)
-    if at_risk is None:
-        return size
+    if at_risk is None or not size.paced:
+        return size  # without rate limits: max_concurrency moderate requests, as documented
     tokens = size.tokens if size.tokens is None else max(1, min(size.tokens, at_risk // PIPELINE))
     return Sizing(tokens, min(size.in_flight_tokens, max(float(at_risk), float(tokens or 0))),
                   size.in_flight_requests, size.paced)
