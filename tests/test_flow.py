@@ -215,3 +215,20 @@ def test_the_jobs_cap_leaves_unlimited_sizing_alone() -> None:
     paced = sizing(MemoryRateLimiter(rpm=1_800, tpm=3_600_000), LatencyModel(), cap=300_000, max_concurrency=8,
                    concurrency_given=False, remote=True, at_risk=32_768)
     assert paced.in_flight_tokens <= 32_768 and paced.tokens is not None and paced.tokens <= 16_384
+
+
+def test_a_request_that_raises_stops_sending(openai_server: OpenAITestServer) -> None:
+    """A request that raises (here a bug in a wrapped provider call: bugs propagate) stops the call:
+    the requests still waiting to be cut are never sent."""
+    with EmbeddingPipeline(f"openai:{MODEL}", base_url=openai_server.base_url, api_key="sk-test", cache=None,
+                           batch_size=10, max_concurrency=2) as pipe:
+        calls: list[int] = []
+
+        async def broken(batch: list[str], role: Any) -> Any:
+            calls.append(len(batch))
+            raise TypeError("a bug in the provider call")
+
+        pipe.provider.aembed_batch = broken  # type: ignore[method-assign]  # a bug, injected
+        with pytest.raises(TypeError, match="a bug"):
+            pipe.embed([f"text number {i}" for i in range(200)])
+    assert len(calls) <= 2

@@ -647,11 +647,16 @@ class Engine:
                     await self.cache.aset_many(items)
 
         gate = self._gate()
+        # A request that raised (a fail-fast error, a bug) stops the call: nothing more is sent.
+        failed: list[BaseException] = []
 
         async def run_batch(batch: list[Piece], tokens: int) -> None:
             admitted = time.perf_counter()
             try:
                 await isolate(self, call, batch, Isolation(batch), deliver)
+            except Exception as exc:
+                failed.append(exc)  # before the gate wakes the sender, so it sends nothing more
+                raise
             finally:
                 self.latency.observe_held(tokens, time.perf_counter() - admitted)
                 await gate.done(tokens)
@@ -687,16 +692,22 @@ class Engine:
                 state["counting"] = False
                 counted.set()
 
+        def note(task: asyncio.Future[None]) -> None:
+            if not task.cancelled() and task.exception() is not None:
+                failed.append(task.exception())  # type: ignore[arg-type]
+                counted.set()
+
         counter = asyncio.ensure_future(count())
+        counter.add_done_callback(note)
         tasks: list[asyncio.Future[None]] = [counter]
         try:
-            while True:
-                while not pending:
+            while not failed:
+                while not pending and not failed:
                     if not state["counting"]:
                         break
                     counted.clear()
                     await counted.wait()
-                if not pending:
+                if not pending or failed:
                     break
                 size = self.sizing()
                 target = size.tokens
@@ -704,7 +715,9 @@ class Engine:
                 if not state["counting"] and state["sent"] >= 1:
                     target = shrunk(size, left)
                 want = max(pending[0].tokens, min(target or left, left))
-                await gate.wait(lambda want=want: gate.has_room(self.sizing(), want))  # type: ignore[misc]
+                await gate.wait(lambda want=want: bool(failed) or gate.has_room(self.sizing(), want))  # type: ignore[misc]
+                if failed:
+                    break
                 batch, tokens = take(pending, self.batch_size, target)
                 state["pending_tokens"] -= tokens
                 gate.add(tokens)
