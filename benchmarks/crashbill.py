@@ -52,7 +52,7 @@ def _records(repo: Path, n: int, path: Path) -> None:
             f.write(json.dumps({"id": section.id, "text": section.text}) + "\n")
 
 
-def _command(tree: Path, source: Path, out: Path, url: str) -> list[str]:
+def _command(source: Path, out: Path, url: str) -> list[str]:
     code = "import sys; from embedpipe.cli import main; sys.exit(main())"
     return [sys.executable, "-c", code, "run", str(source), "-o", str(out), "-m", f"openai:{MODEL}",
             "--base-url", url, "--rpm", str(CLIENT_RPM), "--tpm", str(CLIENT_TPM), "--no-progress"]
@@ -92,7 +92,7 @@ def _trial(tree: Path, scratch: Path, server: Any, source: Path, name: str, kill
     folder.mkdir(parents=True, exist_ok=True)
     out, cache, log = folder / "out", folder / "cache.db", folder / "log.txt"
     env = _env(tree, scratch, cache)
-    cmd = _command(tree, source, out, server.base_url)
+    cmd = _command(source, out, server.base_url)
     server.control.reset()  # full buckets, empty ledger
     time.sleep(0.2)
     seconds, code = _run(cmd, env, kill_at, log)

@@ -75,8 +75,8 @@ class Setup:
 
     @property
     def regime(self) -> str:
-        return f"{self.latency_per_token * 1e6 * 1000 / 1000:g} ms per 1k tokens" if self.latency_per_token < 1e-5 \
-            else f"{self.latency_per_token * 1000:g} s per 1k tokens"
+        per_1k = self.latency_per_token * 1000  # seconds per 1k tokens
+        return f"{per_1k * 1000:g} ms per 1k tokens" if per_1k < 0.01 else f"{per_1k:g} s per 1k tokens"
 
 
 # 500 requests and 400,000 tokens per 10 s: 3,000 RPM and 2.4M TPM at per-minute rates, between

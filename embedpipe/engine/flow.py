@@ -193,11 +193,10 @@ def _sizing(limiter: RateLimiter, latency: LatencyModel, *, cap: int | None, max
     window = limiter.window
     tok_rate = limiter.tpm / window if limiter.tpm else None
     req_rate = limiter.rpm / window if limiter.rpm else None
+    # Today's sizes where no token limit sizes requests, a paid API's capped at a moderate size.
+    unpaced = min(cap or MODERATE_REQUEST_TOKENS, MODERATE_REQUEST_TOKENS) if remote else cap
     if tok_rate is None and req_rate is None:
-        tokens = cap
-        if remote:
-            tokens = min(tokens or MODERATE_REQUEST_TOKENS, MODERATE_REQUEST_TOKENS)
-        return Sizing(tokens, math.inf, max_concurrency, False)
+        return Sizing(unpaced, math.inf, max_concurrency, False)
     # Before the first answer the limiter's level is only what it was told (a bucket a server may not
     # have: a per-minute figure for a per-10-s limit): run at the rate alone until answers sync it.
     observed = latency.samples > 0
@@ -205,7 +204,7 @@ def _sizing(limiter: RateLimiter, latency: LatencyModel, *, cap: int | None, max
     if tok_rate is None:
         # Requests only: Little's law in requests, today's sizes (capped when remote).
         assert req_rate is not None
-        tokens = cap if not remote else min(cap or MODERATE_REQUEST_TOKENS, MODERATE_REQUEST_TOKENS)
+        tokens = unpaced
         rate = req_rate * (HEADROOM + (SPEND * _level(limiter, "requests") if observed else 0.0))
         n = max(1, math.ceil(rate * latency.predict(tokens or 0)))
         return Sizing(tokens, math.inf, min(requests_cap, n), True)
