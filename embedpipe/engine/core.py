@@ -33,7 +33,7 @@ from embedpipe.cache import CacheBackend
 from embedpipe.cost import Estimate, cost_of
 from embedpipe.engine.audio import AudioStage, Expanded, is_audio
 from embedpipe.engine.budget import Budget
-from embedpipe.engine.flow import InFlight, LatencyModel, Sizing, server_seconds, shrunk, sizing
+from embedpipe.engine.flow import TAIL_LATENCIES, InFlight, LatencyModel, Sizing, server_seconds, shrunk, sizing
 from embedpipe.engine.isolate import Isolation, isolate
 from embedpipe.engine.items import acontent_keys, content_keys
 from embedpipe.engine.planning import (
@@ -700,6 +700,7 @@ class Engine:
         counter = asyncio.ensure_future(count())
         counter.add_done_callback(note)
         tasks: list[asyncio.Future[None]] = [counter]
+        longest_first = False
         try:
             while not failed:
                 while not pending and not failed:
@@ -710,6 +711,15 @@ class Engine:
                 if not pending or failed:
                     break
                 size = self.sizing()
+                if (size.paced and not longest_first and not state["counting"]
+                        and state["pending_tokens"] <= TAIL_LATENCIES * size.in_flight_tokens):
+                    # Near the end of the call the longest inputs go first, so that it ends on short
+                    # requests: an input no request can split is a tail of its own latency if it comes
+                    # last. (Earlier, the sizes stay mixed, as the latency model has learnt them.)
+                    longest_first = True
+                    rest = sorted(pending, key=lambda p: -p.tokens)
+                    pending.clear()
+                    pending.extend(rest)
                 target = size.tokens
                 left = state["pending_tokens"]
                 if not state["counting"] and state["sent"] >= 1:
