@@ -3,7 +3,7 @@
 A request a crash cuts off has been billed and its answer is lost: the tokens in flight at any
 moment are what a SIGKILL re-bills, and the last requests of a call are a tail nothing can hide.
 Little's law says how much must be in flight to run at a rate: tokens in flight = token rate *
-latency. So under a rate limit the engine keeps about that much in flight and no more, in
+latency. So under a rate limit the engine keeps about that much in flight (on average) and no more, in
 requests sized from the request and token rates, and shrinks them at the end of a call so its
 last answers come back together. ``batch_size`` and ``max_batch_tokens`` stay caps.
 
@@ -259,9 +259,9 @@ class InFlight:
     more than a hard cap (one request always passes).
 
     Little's law's figure is a mean. A gate that never let the tokens in flight pass it would hold
-    them half a request below it on average (a quarter of what is in flight at :data:`PIPELINE`
-    requests, measured: 40k of a 49.5k-token/s target), so a request leaves once half of it fits,
-    and what is in flight swings about the figure instead of under it.
+    them about half a request below it (with two requests sharing it, measured: 40k of a
+    49.5k-token/s target), so a request leaves once half of it fits, and what is in flight swings
+    about the figure instead of under it. A hard cap (a job's) is never passed.
 
     Created on, and used from, the engine's loop only.
     """
