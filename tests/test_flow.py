@@ -87,16 +87,16 @@ def test_under_rate_limits_in_flight_is_rate_times_latency(openai_server: OpenAI
     # Little's law, with the latency this run saw: the test server shares this process, so a busy
     # machine slows its answers, and more must be in flight to hold the rate. The rate is at most
     # the limit's 60k tokens/s x (1.05 + 2 x the share of the bucket the server says is left,
-    # 600k of 3.6M); a token holds its place longer than its latency at the server (the limiter's
-    # wait, the client's own work: up to about 1.7x on this machine under load); one input may be a
-    # request of its own.
+    # 600k of 3.6M). The factor 2 leaves room for what the latency at the provider leaves out (the
+    # limiter's wait, the client's own work: a token holds its place longer) and for the gate's swing
+    # of half a request about the figure; one input may be a request of its own.
     longest_input = 8_191
     rate = 60_000 * (1.05 + 2 * 600_000 / 3_600_000)
     bound = 2 * rate * watch.latency + longest_input
     assert watch.most_in_flight <= bound, (watch.most_in_flight, watch.latency)
-    # (Idle, this run keeps 40-57k in flight. At 18f4d1d: 280,799, in requests of a median 48,539 tokens.)
+    # (Idle, this run keeps 45-51k in flight. At 18f4d1d: 280,799, in requests of a median 48,539 tokens.)
     assert sorted(watch.sizes)[len(watch.sizes) // 2] <= 6_000
-    assert max(watch.sizes) <= max(longest_input, bound / 2)  # at least two requests share what is in flight
+    assert max(watch.sizes) <= max(longest_input, bound / 2)  # several requests share what is in flight
     assert len(watch.sizes) >= 40
 
 
