@@ -18,7 +18,7 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from embedpipe.limits import RateLimiter
+from embedpipe.limits import RateLimiter, header_number
 
 #: the latency assumed before any answer: the first requests leave before anything is observed
 PRIOR_LATENCY = 0.5
@@ -139,14 +139,9 @@ def server_seconds(headers: Mapping[str, str] | None) -> float | None:
     """The seconds the server says a request took (OpenAI's ``openai-processing-ms``), or ``None``."""
     if not headers:
         return None
-    for key, value in headers.items():
-        if key.lower() == "openai-processing-ms":
-            try:
-                ms = float(value)
-            except (TypeError, ValueError):
-                return None
-            return ms / 1000 if math.isfinite(ms) and ms >= 0 else None
-    return None
+    lowered = {k.lower(): v for k, v in headers.items()}  # other providers may not lower-case them
+    ms = header_number(lowered.get("openai-processing-ms"))
+    return None if ms is None else ms / 1000
 
 
 @dataclass(frozen=True)
@@ -195,6 +190,14 @@ def at_risk_for(job_tokens: int) -> int:
 
 def _sizing(limiter: RateLimiter, latency: LatencyModel, *, cap: int | None, max_concurrency: int,
             concurrency_given: bool, remote: bool) -> Sizing:
+    # Before the first answer the limiter's level is only what it was told (a bucket a server may not
+    # have: a per-minute figure for a per-10-s limit): run at the rate alone until answers sync it.
+    observed = latency.samples > 0
+
+    def pace(limit_rate: float, bucket: str) -> float:
+        """The rate to run at: the limit's, plus what the bucket holds spent over about half a window."""
+        return limit_rate * (HEADROOM + (SPEND * _level(limiter, bucket) if observed else 0.0))
+
     window = limiter.window
     tok_rate = limiter.tpm / window if limiter.tpm else None
     req_rate = limiter.rpm / window if limiter.rpm else None
@@ -202,19 +205,14 @@ def _sizing(limiter: RateLimiter, latency: LatencyModel, *, cap: int | None, max
     unpaced = min(cap or MODERATE_REQUEST_TOKENS, MODERATE_REQUEST_TOKENS) if remote else cap
     if tok_rate is None and req_rate is None:
         return Sizing(unpaced, math.inf, max_concurrency, False)
-    # Before the first answer the limiter's level is only what it was told (a bucket a server may not
-    # have: a per-minute figure for a per-10-s limit): run at the rate alone until answers sync it.
-    observed = latency.samples > 0
     requests_cap = max_concurrency if concurrency_given else MAX_REQUESTS_IN_FLIGHT
     if tok_rate is None:
         # Requests only: Little's law in requests, today's sizes (capped when remote).
         assert req_rate is not None
         tokens = unpaced
-        rate = req_rate * (HEADROOM + (SPEND * _level(limiter, "requests") if observed else 0.0))
-        n = max(1, math.ceil(rate * latency.predict(tokens or 0)))
+        n = max(1, math.ceil(pace(req_rate, "requests") * latency.predict(tokens or 0)))
         return Sizing(tokens, math.inf, min(requests_cap, n), True)
-    # The rate to run at: the limit, plus what the bucket holds spent over about half a window.
-    rate = tok_rate * (HEADROOM + (SPEND * _level(limiter, "tokens") if observed else 0.0))
+    rate = pace(tok_rate, "tokens")
     # Little's law: tokens in flight = rate x the time a token holds its place (observed, by size).
     # At the server only its latency of that is at risk: the rest is the limiter's wait before
     # sending and the client's work after the answer.
@@ -223,8 +221,7 @@ def _sizing(limiter: RateLimiter, latency: LatencyModel, *, cap: int | None, max
     if req_rate is not None:
         # The smallest requests that keep the request rate below its limit: the fewer tokens a
         # request holds, the shorter its latency and the less is in flight.
-        allowed = req_rate * (HEADROOM + (SPEND * _level(limiter, "requests") if observed else 0.0))
-        floor = rate / (allowed * RPM_SHARE)
+        floor = rate / (pace(req_rate, "requests") * RPM_SHARE)
         # Bigger, up to a quarter of the fixed latency's worth: each request costs the client and the
         # server some work of its own, which the token rate does not pay for (on a fast server, a
         # thousand 1k-token requests lose 3% of the rate to it, as measured in BENCHMARKS.md).
